@@ -1,0 +1,232 @@
+"""One validated config object per notebook, built from its parameters cell and saved as run_dir/config.json.
+
+Each field carries its accepted range; a bad value fails with a `ConfigError` that names the parameter,
+the value and what is accepted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, get_type_hints
+
+
+class ConfigError(ValueError):
+    """A notebook parameter has a value outside its accepted range."""
+
+
+def param(default: Any, *, ge: float | None = None, gt: float | None = None, le: float | None = None,
+          choices: tuple | None = None, multiple_of: int | None = None, pattern: str | None = None,
+          help: str = "") -> Any:
+    """A config field with its accepted range (checked by `validate`)."""
+    meta = dict(ge=ge, gt=gt, le=le, choices=choices, multiple_of=multiple_of, pattern=pattern, help=help)
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: json.loads(json.dumps(default)), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _describe(kind: type, meta: Mapping) -> str:
+    parts = [{int: "an integer", float: "a number", str: "a string", bool: "True or False", list: "a list"}.get(kind, str(kind))]
+    if meta.get("choices"):
+        parts = ["one of " + ", ".join(repr(c) for c in meta["choices"])]
+    if meta.get("gt") is not None:
+        parts.append(f"> {meta['gt']}")
+    if meta.get("ge") is not None:
+        parts.append(f">= {meta['ge']}")
+    if meta.get("le") is not None:
+        parts.append(f"<= {meta['le']}")
+    if meta.get("multiple_of"):
+        parts.append(f"a multiple of {meta['multiple_of']}")
+    if meta.get("pattern"):
+        parts.append(f"matching {meta['pattern']}")
+    return " ".join(parts[:1]) + (" " + ", ".join(parts[1:]) if parts[1:] else "")
+
+
+def _check(name: str, value: Any, kind: Any, meta: Mapping) -> Any:
+    """Return the value coerced to its kind, or raise ConfigError naming the parameter."""
+    base = getattr(kind, "__origin__", kind)
+    optional = base is not None and "None" in str(kind)
+    if value is None and optional:
+        return None
+    if optional:  # Optional[X] written as `X | None`
+        base = next(a for a in kind.__args__ if a is not type(None))
+        base = getattr(base, "__origin__", base)
+    bad = ConfigError(f"{name}={value!r} is not accepted: expected {_describe(base, meta)}"
+                      + (f" ({meta['help']})" if meta.get("help") else ""))
+    if base is bool:
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if base is int:
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+            raise bad
+        value = int(value)
+    elif base is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise bad
+        value = float(value)
+    elif base is str:
+        if not isinstance(value, str):
+            raise bad
+    elif base in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        value = list(value)
+    if meta.get("choices") is not None and value not in meta["choices"]:
+        raise bad
+    if meta.get("pattern") is not None and not re.fullmatch(meta["pattern"], value):
+        raise bad
+    if isinstance(value, (int, float)):
+        if (meta.get("ge") is not None and value < meta["ge"]) or (meta.get("gt") is not None and value <= meta["gt"]) \
+                or (meta.get("le") is not None and value > meta["le"]):
+            raise bad
+        if meta.get("multiple_of") and value % meta["multiple_of"]:
+            raise bad
+    return value
+
+
+@dataclass
+class BaseConfig:
+    """Parameters every notebook shares."""
+
+    stage: ClassVar[str] = "base"
+
+    run_dir: str = param("runs/run", pattern=r".+", help="everything the notebook writes goes under it")
+    sync_dir: str = param("", help="mirror of checkpoints, e.g. /content/drive/MyDrive/sdnb; '' = off")
+    seed: int = param(0, ge=0)
+    device: str = param("auto", pattern=r"auto|cpu|mps|cuda(:\d+)?")
+    mixed_precision: str = param("auto", choices=("auto", "no", "fp16", "bf16"))
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Check and coerce every field; raise ConfigError naming the first bad parameter."""
+        hints = get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _check(f.name, getattr(self, f.name), hints[f.name], f.metadata))
+
+    @classmethod
+    def from_namespace(cls, namespace: Mapping[str, Any]) -> "BaseConfig":
+        """Build the config from a notebook's variables (the parameters cell): `Config.from_namespace(globals())`."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in namespace.items() if k in names})
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as plain JSON-able values, with its stage."""
+        return {"stage": self.stage, **dataclasses.asdict(self)}
+
+    @property
+    def path(self) -> Path:
+        """The run folder."""
+        return Path(self.run_dir)
+
+    def save(self) -> Path:
+        """Write run_dir/config.json and return its path."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        out = self.path / "config.json"
+        tmp = out.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2))
+        tmp.replace(out)
+        return out
+
+    @classmethod
+    def load(cls, path: str | Path) -> "BaseConfig":
+        """Read a saved config.json back (the stage key is checked)."""
+        data = json.loads(Path(path).read_text())
+        stage = data.pop("stage", cls.stage)
+        if stage != cls.stage:
+            raise ConfigError(f"{path} is a {stage!r} config, not {cls.stage!r}")
+        return cls(**data)
+
+    def __str__(self) -> str:
+        width = max(len(f.name) for f in dataclasses.fields(self))
+        return "\n".join(f"{f.name:<{width}} = {getattr(self, f.name)!r}" for f in dataclasses.fields(self))
+
+
+@dataclass
+class TrainConfig(BaseConfig):
+    """The training loop's parameters (the names `sdnb.train.TrainSettings` reads), shared by 02 and 03."""
+
+    max_steps: int = param(1000, ge=1, help="optimizer steps in total, counting from the run's start")
+    max_epochs: int = param(0, ge=0, help="0 = budget in steps only")
+    batch_size: int = param(4, ge=1, help="micro-batch per process")
+    grad_accum: int = param(1, ge=1, help="micro-batches per optimizer step")
+    optimizer: str = param("adamw", choices=("adamw", "radam", "adamw8bit"))
+    lr: float = param(1e-4, gt=0, le=1)
+    weight_decay: float = param(0.0, ge=0)
+    adam_betas: list = param([0.9, 0.999])
+    lr_scheduler: str = param("constant", choices=("constant", "constant_with_warmup", "linear", "cosine",
+                                                   "cosine_with_restarts", "polynomial"))
+    warmup_steps: int = param(0, ge=0)
+    max_grad_norm: float = param(1.0, ge=0, help="0 = no clipping")
+    ema: bool = param(False)
+    ema_decay: float = param(0.9999, gt=0, le=1)
+    log_every: int = param(10, ge=1)
+    validate_every: int = param(0, ge=0, help="0 = at the end only")
+    sample_every: int = param(0, ge=0)
+    checkpoint_every: int = param(500, ge=0, help="0 = off")
+    checkpoint_minutes: float = param(30.0, ge=0, help="0 = off")
+    keep_checkpoints: int = param(2, ge=1)
+    resume: str = param("", help="'' = new run, 'latest', or a checkpoint folder")
+    nan_patience: int = param(5, ge=1)
+    num_workers: int = param(0, ge=0)
+    log_with: str = param("", choices=("", "tensorboard", "wandb"))
+
+    def validate(self) -> None:
+        super().validate()
+        if len(self.adam_betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.adam_betas):
+            raise ConfigError(f"adam_betas={self.adam_betas!r} is not accepted: expected two numbers in [0, 1)")
+
+
+@dataclass
+class CaptionConfig(BaseConfig):
+    """01_captioning: scan a folder of photos, caption them with BLIP, write training copies."""
+
+    stage: ClassVar[str] = "caption"
+
+    image_dir: str = param("data/unsplash-lite/photos", pattern=r".+", help="folder of photos (searched recursively)")
+    captioner_id: str = param("Salesforce/blip-image-captioning-base", pattern=r".+")
+
+
+@dataclass
+class VAEConfig(TrainConfig):
+    """02_vae_finetune: fine-tune SD's VAE on random patches of large images."""
+
+    stage: ClassVar[str] = "vae"
+
+    image_dir: str = param("data/FIVES/train/Original", pattern=r".+", help="folder of large training images")
+    val_image_dir: str = param("", help="held-out images; '' = a seeded split of image_dir")
+    val_fraction: float = param(0.2, gt=0, le=0.5, help="share of image_dir held out when val_image_dir is ''")
+    model_id: str = param("CompVis/stable-diffusion-v1-4", pattern=r".+")
+    model_subfolder: str = param("vae", help="'' when model_id is a VAE folder itself")
+    patch_size: int = param(512, ge=16, multiple_of=8)
+
+
+@dataclass
+class SDConfig(TrainConfig):
+    """03_sd_finetune: fine-tune SD 1.5's UNet on captioned images."""
+
+    stage: ClassVar[str] = "sd"
+
+    data_dir: str = param("runs/01_captioning/train", pattern=r".+", help="images with .txt caption sidecars")
+    model_id: str = param("stable-diffusion-v1-5/stable-diffusion-v1-5", pattern=r".+")
+    resolution: int = param(512, ge=64, multiple_of=64)
+
+
+@dataclass
+class CompareConfig(BaseConfig):
+    """04_compare: base vs fine-tuned, side by side and in numbers."""
+
+    stage: ClassVar[str] = "compare"
+
+    base_model_id: str = param("stable-diffusion-v1-5/stable-diffusion-v1-5", pattern=r".+")
+    finetuned_model: str = param("runs/03_sd_finetune/final", help="a run folder of 03, a pipeline folder or a hub id")
+    base_vae: str = param("CompVis/stable-diffusion-v1-4", help="hub id or folder (subfolder 'vae' is tried)")
+    finetuned_vae: str = param("runs/02_vae_finetune/final", help="a run folder of 02 or a VAE folder")
+    image_dir: str = param("data/FIVES/test/Original", help="held-out images for the VAE comparison")
