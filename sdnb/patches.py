@@ -86,7 +86,7 @@ class DecodedImages:
 
 def to_tensor(patch: np.ndarray) -> torch.Tensor:
     """uint8 HxWx3 -> float 3xHxW in [-1, 1] (what SD's VAE and LPIPS expect)."""
-    return torch.from_numpy(np.ascontiguousarray(patch)).permute(2, 0, 1).float().div(127.5).sub(1.0)
+    return torch.from_numpy(np.array(patch, dtype=np.uint8)).permute(2, 0, 1).float().div(127.5).sub(1.0)
 
 
 class PatchDataset(Dataset):

@@ -96,3 +96,15 @@ def side_by_side(images: Mapping[str, Image.Image | np.ndarray], size: float = 4
         ax.axis("off")
     fig.tight_layout()
     return fig
+
+
+def patch_sheet(patches: Sequence[torch.Tensor], ncols: int = 8, size: float = 1.6) -> plt.Figure:
+    """A row (or rows) of patches in [-1, 1], as the model sees them."""
+    nrows = -(-len(patches) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, size * nrows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, patch in zip(axes.flat, patches):
+        ax.imshow(to_uint8(patch))
+    fig.tight_layout()
+    return fig
