@@ -224,7 +224,7 @@ class VAEConfig(TrainConfig):
     model_subfolder: str = param("vae", help="'' when model_id is a VAE folder itself")
     patch_size: int = param(512, ge=16, multiple_of=8)
     patches_per_epoch: int = param(1000, ge=1, help="random patches drawn per epoch")
-    val_patches: int = param(64, ge=1, help="fixed held-out patches for the metrics")
+    n_val_patches: int = param(64, ge=1, help="fixed held-out patches for the metrics")
     recipe: str = param("sdnb", choices=tuple(VAE_RECIPES), help="fills every value left at None")
     trainable: str | None = param(None, choices=("all", "decoder"))
     optimizer: str | None = param(None, choices=("adamw", "radam", "adamw8bit"))

@@ -1,25 +1,23 @@
-"""SD's VAE: loading, reconstruction (batched, and tiled for full-size images), losses and the training step."""
+"""SD's VAE: loading, what is trained, the loss and the training step, and fine-tuning through the shared loop."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
+import torch.nn.functional as F
 from diffusers import AutoencoderKL
-from PIL import Image
-
-from sdnb.patches import to_tensor
+from torch import nn
 
 
 def load_vae(model_id: str, subfolder: str = "vae", device: torch.device | str = "cpu") -> AutoencoderKL:
-    """An `AutoencoderKL` from a hub id or folder; a folder that is itself a VAE (no `vae/`) also works."""
-    local = Path(model_id)
-    if subfolder and local.is_dir() and not (local / subfolder).is_dir() and (local / "config.json").is_file():
-        subfolder = ""  # a run's final/ folder or any VAE folder
-    if local.is_dir() and (local / "final" / "config.json").is_file() and not (local / "config.json").exists():
-        local, subfolder = local / "final", ""  # a run folder of 02_vae_finetune
-        model_id = str(local)
+    """An `AutoencoderKL` in eval mode: from a hub id, a pipeline folder, a VAE folder or a run folder of 02/03."""
+    path = Path(model_id)
+    if path.is_dir():
+        for candidate in (path / "final" / subfolder, path / "final", path / subfolder, path):
+            if (candidate / "config.json").is_file():
+                return AutoencoderKL.from_pretrained(candidate).to(device).eval().requires_grad_(False)
+        raise FileNotFoundError(f"{model_id}: no VAE there (looked for config.json in final/, {subfolder}/ and the folder)")
     vae = AutoencoderKL.from_pretrained(model_id, subfolder=subfolder or None)
     return vae.to(device).eval().requires_grad_(False)
 
@@ -29,28 +27,86 @@ def scale_factor(vae: AutoencoderKL) -> int:
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
-@torch.no_grad()
-def reconstruct(vae: AutoencoderKL, images: torch.Tensor, batch_size: int = 8, sample: bool = False) -> torch.Tensor:
-    """Encode and decode (N, 3, H, W) images in [-1, 1]; the posterior mode unless `sample`. Returns CPU float."""
-    device, dtype = vae.device, vae.dtype
-    out = []
-    for chunk in images.split(batch_size):
-        posterior = vae.encode(chunk.to(device, dtype)).latent_dist
-        latents = posterior.sample() if sample else posterior.mode()
-        out.append(vae.decode(latents).sample.float().clamp(-1, 1).cpu())
-    return torch.cat(out)
+class VAEWithPosterior(nn.Module):
+    """The VAE as one trainable module whose forward returns (reconstruction, KL per image).
+
+    Going through `forward` keeps DistributedDataParallel's gradient sync working under `accelerate launch`.
+    """
+
+    def __init__(self, vae: AutoencoderKL, sample_posterior: bool = True):
+        super().__init__()
+        self.vae = vae
+        self.sample_posterior = sample_posterior
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        posterior = self.vae.encode(images).latent_dist
+        latents = posterior.sample() if self.sample_posterior else posterior.mode()
+        return self.vae.decode(latents).sample, posterior.kl()
 
 
-@torch.no_grad()
-def reconstruct_full(vae: AutoencoderKL, image: Image.Image | np.ndarray, tile_size: int = 512) -> torch.Tensor:
-    """Reconstruct a whole image at full size with diffusers' overlapping, blended tiles (tiles of `tile_size`)."""
-    array = np.asarray(image, dtype=np.uint8)
-    m = scale_factor(vae)
-    h, w = array.shape[0] // m * m, array.shape[1] // m * m  # the VAE needs sides divisible by its factor
-    x = to_tensor(array[:h, :w])[None]
-    vae.enable_tiling()
-    vae.tile_sample_min_size, vae.tile_latent_min_size = tile_size, tile_size // m
-    try:
-        return reconstruct(vae, x, batch_size=1)[0]
-    finally:
-        vae.disable_tiling()
+def set_trainable(vae: AutoencoderKL, trainable: str, gradient_checkpointing: bool = False) -> AutoencoderKL:
+    """'all' trains encoder and decoder; 'decoder' freezes the encoder (and quant_conv), keeping the latent space."""
+    vae.train().requires_grad_(True)
+    if trainable == "decoder":
+        vae.encoder.requires_grad_(False)
+        if vae.quant_conv is not None:
+            vae.quant_conv.requires_grad_(False)
+    if gradient_checkpointing:
+        vae.enable_gradient_checkpointing()
+    return vae
+
+
+def vae_loss(model: nn.Module, images: torch.Tensor, lpips: nn.Module | None, mse_weight: float, l1_weight: float,
+             lpips_weight: float, kl_weight: float) -> dict[str, torch.Tensor]:
+    """One training step's losses for a `VAEWithPosterior` on images in [-1, 1].
+
+    loss = mse_weight*MSE + l1_weight*L1 + lpips_weight*LPIPS + kl_weight*KL, where KL is summed over the
+    latent dimensions and averaged over the batch (so gradient accumulation scales it correctly).
+    """
+    # encode, sample a latent from the posterior and decode
+    recon, kl = model(images)
+    recon = recon.float()
+    # pixel losses
+    mse = F.mse_loss(recon, images.float())
+    l1 = F.l1_loss(recon, images.float())
+    # perceptual loss: LPIPS with gradient (never under no_grad), inputs in [-1, 1]
+    perceptual = lpips(recon, images.float()).mean() if lpips is not None and lpips_weight > 0 else recon.new_zeros(())
+    # KL towards the unit Gaussian
+    kl = kl.float().mean()
+    total = mse_weight * mse + l1_weight * l1 + lpips_weight * perceptual + kl_weight * kl
+    return {"loss": total, "mse": mse.detach(), "l1": l1.detach(), "lpips": perceptual.detach(), "kl": kl.detach()}
+
+
+
+
+def finetune(cfg, train_images, val_patches: torch.Tensor):
+    """Fine-tune the VAE of `cfg.model_id` on random patches of `train_images` through the shared loop.
+
+    `cfg` is a `VAEConfig`; `val_patches` are fixed held-out patches evaluated at `validate_every` and at
+    the end (logged as val_psnr, val_ssim, val_lpips). Returns the loop's `TrainResult`; the fine-tuned
+    VAE is saved with `save_pretrained` in `run_dir/final`.
+    """
+    from sdnb.metrics import LPIPS
+    from sdnb.patches import PatchDataset
+    from sdnb.recon import evaluate
+    from sdnb.train import Trainer, TrainSettings
+
+    trainer = Trainer(TrainSettings.from_config(cfg))
+    vae = set_trainable(load_vae(cfg.model_id, cfg.model_subfolder), cfg.trainable, cfg.gradient_checkpointing)
+    lpips = LPIPS(cfg.lpips_net).to(trainer.device)
+    patches = PatchDataset(train_images, cfg.patch_size, cfg.patches_per_epoch, seed=cfg.seed,
+                           hflip=cfg.hflip, vflip=cfg.vflip, rot90=cfg.rot90)
+    weights = dict(mse_weight=cfg.mse_weight, l1_weight=cfg.l1_weight, lpips_weight=cfg.lpips_weight,
+                   kl_weight=cfg.kl_weight)
+    unwrap = trainer.accelerator.unwrap_model
+
+    def step_fn(models: dict[str, nn.Module], batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        return vae_loss(models["vae"], batch, lpips, **weights)
+
+    def evaluate_fn(models: dict[str, nn.Module], step: int) -> dict[str, float]:
+        return evaluate(unwrap(models["vae"]).vae, val_patches, lpips, cfg.batch_size)
+
+    def save_final(models: dict[str, nn.Module], path) -> None:
+        unwrap(models["vae"]).vae.save_pretrained(path)
+
+    return trainer.fit({"vae": VAEWithPosterior(vae)}, step_fn, patches, evaluate=evaluate_fn, save_final=save_final)
