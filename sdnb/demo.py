@@ -25,13 +25,15 @@ def demo_parameters(assets, out: str | Path, scale: float = 1.0) -> dict[str, di
     common = dict(device="cpu", mixed_precision="no", seed=0, sync_dir="")
     return {
         "01_captioning": dict(common, run_dir=str(out / "01_captioning"), image_dir=str(assets.photos),
-                              captioner_id=str(assets.blip)),
+                              captioner_id=str(assets.blip), num_beams=4, min_length=5, max_length=20,
+                              sweep_grid={"repetition_penalty": [1.0, 1.4], "num_beams": [1, 4]}),
         "02_vae_finetune": dict(common, run_dir=str(out / "02_vae_finetune"), image_dir=str(assets.fundus_train),
                                 val_image_dir=str(assets.fundus_val), model_id=str(assets.sd), patch_size=64,
                                 max_steps=steps(150)),
         "03_sd_finetune": dict(common, run_dir=str(out / "03_sd_finetune"),
                                data_dir=str(out / "01_captioning" / "train"), model_id=str(assets.sd),
-                               resolution=64, max_steps=steps(40)),
+                               resolution=64, max_steps=steps(40), lr=5e-4, validate_every=steps(10),
+                               checkpoint_every=steps(20), log_every=5, sample_steps=10),
         "04_compare": dict(common, run_dir=str(out / "04_compare"), base_model_id=str(assets.sd),
                            finetuned_model=str(out / "03_sd_finetune"), base_vae=str(assets.sd),
                            finetuned_vae=str(out / "02_vae_finetune"), image_dir=str(assets.fundus_val)),

@@ -81,6 +81,7 @@ def compare_vaes(vaes: dict[str, AutoencoderKL], images: torch.Tensor, lpips: nn
     per_image = {name: per_image_metrics(r, images, lpips, batch_size) for name, r in recons.items()}
     report: dict = {name: summarize(v) for name, v in per_image.items()}
     report["n_images"] = len(images)
+    report["models"] = list(vaes)
     report["labels"] = {"lpips": getattr(lpips, "label", "LPIPS"), "psnr": "PSNR (dB, [-1, 1] range)", "ssim": "SSIM"}
     if len(images) >= min_fid_images:
         for name, r in recons.items():
@@ -113,7 +114,7 @@ def write_metrics(report: dict, path) -> str:
     out["n_patches"] = report["n_images"]
     out["per_patch"] = report.get("per_image", {})
     Path(path).write_text(json.dumps(out, indent=2))
-    names = [k for k in report if isinstance(report[k], dict) and "psnr" in report[k]]
+    names = report["models"]
     keys = [k for k in ("psnr", "ssim", "lpips", "rfid") if k in report[names[0]]]
     lines = [f"held-out patches: {report['n_images']}", f"{'':>10}" + "".join(f"{k:>12}" for k in keys)]
     lines += [f"{n:>10}" + "".join(f"{report[n][k]:>12.4f}" for k in keys) for n in names]

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from torch import nn
+
+from sdnb.patches import DecodedImages, fixed_patches, list_images, split_images
 
 
 def load_vae(model_id: str, subfolder: str = "vae", device: torch.device | str = "cpu") -> AutoencoderKL:
@@ -91,7 +94,7 @@ def finetune(cfg, train_images, val_patches: torch.Tensor):
     from sdnb.recon import evaluate
     from sdnb.train import Trainer, TrainSettings
 
-    trainer = Trainer(TrainSettings.from_config(cfg))
+    trainer = Trainer(TrainSettings.from_config(cfg), config=cfg.to_dict())
     vae = set_trainable(load_vae(cfg.model_id, cfg.model_subfolder), cfg.trainable, cfg.gradient_checkpointing)
     lpips = LPIPS(cfg.lpips_net).to(trainer.device)
     patches = PatchDataset(train_images, cfg.patch_size, cfg.patches_per_epoch, seed=cfg.seed,
@@ -110,3 +113,35 @@ def finetune(cfg, train_images, val_patches: torch.Tensor):
         unwrap(models["vae"]).vae.save_pretrained(path)
 
     return trainer.fit({"vae": VAEWithPosterior(vae)}, step_fn, patches, evaluate=evaluate_fn, save_final=save_final)
+
+
+@dataclass
+class VAEData:
+    """Training and held-out images (split by image), decoded once, and the fixed held-out patches."""
+
+    train_paths: list[Path]
+    val_paths: list[Path]
+    train_images: DecodedImages
+    val_patches: torch.Tensor
+
+
+def prepare_data(cfg) -> VAEData:
+    """List and check the images of a `VAEConfig` (before any model loads), split them, cut the held-out patches."""
+    train_paths = list_images(cfg.image_dir, "image_dir")
+    if cfg.val_image_dir:
+        val_paths = list_images(cfg.val_image_dir, "val_image_dir")
+    else:
+        train_paths, val_paths = split_images(train_paths, cfg.val_fraction, cfg.seed)
+    cache = Path(cfg.run_dir) / "cache"
+    val_images = DecodedImages(val_paths, cache, min_side=cfg.patch_size)
+    return VAEData(train_paths, val_paths, DecodedImages(train_paths, cache, min_side=cfg.patch_size),
+                   fixed_patches(val_images, cfg.patch_size, cfg.n_val_patches, seed=cfg.seed))
+
+
+def train_from_config(config: dict):
+    """What `python -m sdnb.train run_dir/config.json` runs for a 02_vae_finetune config."""
+    from sdnb.config import VAEConfig
+
+    cfg = VAEConfig(**{k: v for k, v in config.items() if k != "stage"})
+    data = prepare_data(cfg)
+    return finetune(cfg, data.train_images, data.val_patches)
