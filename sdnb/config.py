@@ -280,6 +280,7 @@ class VAEConfig(TrainConfig):
     vflip: bool | None = param(None)
     rot90: bool | None = param(None)
     gradient_checkpointing: bool = param(False, help="about half the memory, ~30% slower")
+    cache_latents: bool = param(False, help="decoder-only: encode a fixed pool of patches once")
     tile_size: int = param(512, ge=16, multiple_of=8, help="tiles for full-size reconstructions")
     fid_features: str = param("auto", choices=("auto", "torchmetrics", "fid-helper"))
 
@@ -291,6 +292,9 @@ class VAEConfig(TrainConfig):
             if getattr(self, name) is None:
                 setattr(self, name, value)
         super().validate()
+        if self.cache_latents and self.trainable != "decoder":
+            raise ConfigError("cache_latents=True is not accepted with trainable='all': cached latents need a frozen "
+                              "encoder (set trainable='decoder' or recipe='ft-mse')")
 
 
 @dataclass
@@ -301,7 +305,50 @@ class SDConfig(TrainConfig):
 
     data_dir: str = param("runs/01_captioning/train", pattern=r".+", help="images with .txt caption sidecars")
     model_id: str = param("stable-diffusion-v1-5/stable-diffusion-v1-5", pattern=r".+")
+    vae_path: str = param("", help="a fine-tuned VAE (a 02 run folder or a VAE folder); '' = the base VAE")
     resolution: int = param(512, ge=64, multiple_of=64)
+    val_fraction: float = param(0.1, ge=0, le=0.5, help="share of the images held out, by image, seeded")
+    crop_jitter: float = param(0.02, ge=0, le=0.2, help="random crop shrink and shift, share of the short side")
+    flip: bool = param(False, help="random horizontal flips")
+    caption_dropout: float = param(0.0, ge=0, le=1, help="share of steps trained with an empty caption")
+    cache_latents: bool = param(False, help="encode images and captions once (needs crop_jitter=0, flip=False)")
+    train_text_encoder: bool = param(False)
+    text_encoder_lr: float = param(5e-7, gt=0, le=1)
+    gradient_checkpointing: bool = param(True, help="less activation memory, ~20-30% slower")
+    snr_gamma: float = param(0.0, ge=0, help="Min-SNR weighting; 5.0 is the paper's; 0 = off")
+    noise_offset: float = param(0.02, ge=0, le=1, help="offset (zero-frequency) noise; EveryDream2 uses 0.02")
+    sample_prompts: list = param(["a photograph of a mountain lake at sunrise", "a portrait of a woman in a city street",
+                                  "a bowl of fruit on a wooden table", "a dog running on a beach",
+                                  "a modern building against a blue sky"])
+    negative_prompt: str = param("")
+    sample_cfg_scales: list = param([7.0, 4.0, 1.01])
+    sample_steps: int = param(30, ge=1)
+    overfit_patience: int = param(3, ge=1, help="evaluations above the best validation loss that flag over-fitting")
+    save_best: bool = param(True, help="keep the fp16 UNet of the lowest validation loss in run_dir/best")
+    sync_what: str = param("auto", choices=("auto", "full", "weights"),
+                           help="mirror full training states or fp16 UNet weights; auto = full if it fits")
+    # the training loop's fields, with EveryDream2's defaults (the seed's recipe)
+    lr: float = param(1e-6, gt=0, le=1)
+    optimizer: str = param("auto", choices=("auto", "adamw", "radam", "adamw8bit"),
+                           help="auto = 8-bit AdamW on a GPU with bitsandbytes, else AdamW")
+    weight_decay: float = param(0.01, ge=0)
+    batch_size: int = param(2, ge=1)
+    max_steps: int = param(0, ge=0, help="0 = budget in epochs only")
+    max_epochs: int = param(30, ge=0)
+    validate_every: int = param(300, ge=0, help="0 = at the end only")
+    checkpoint_every: int = param(500, ge=0, help="0 = off")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.max_steps == 0 and self.max_epochs == 0:
+            raise ConfigError("max_steps=0 and max_epochs=0: set at least one training budget")
+        if self.cache_latents and (self.crop_jitter > 0 or self.flip):
+            raise ConfigError(f"cache_latents=True is not accepted with crop_jitter={self.crop_jitter} or "
+                              f"flip={self.flip}: cached latents cannot vary (set crop_jitter=0 and flip=False)")
+        if not all(isinstance(p, str) for p in self.sample_prompts):
+            raise ConfigError(f"sample_prompts={self.sample_prompts!r} is not accepted: expected a list of strings")
+        if not self.sample_cfg_scales or not all(isinstance(c, (int, float)) and c >= 1 for c in self.sample_cfg_scales):
+            raise ConfigError(f"sample_cfg_scales={self.sample_cfg_scales!r} is not accepted: expected numbers >= 1")
 
 
 @dataclass
@@ -315,3 +362,41 @@ class CompareConfig(BaseConfig):
     base_vae: str = param("CompVis/stable-diffusion-v1-4", help="hub id or folder (subfolder 'vae' is tried)")
     finetuned_vae: str = param("runs/02_vae_finetune/final", help="a run folder of 02 or a VAE folder")
     image_dir: str = param("data/FIVES/test/Original", help="held-out images for the VAE comparison")
+    SCHEDULER_NAMES: ClassVar[tuple[str, ...]] = ("ddim", "pndm", "euler", "euler_a", "dpm++2m", "lms", "unipc")
+    XYZ_AXES: ClassVar[tuple[str, ...]] = ("cfg", "steps", "checkpoint", "scheduler", "seed")
+    control_vae: str = param("", help="a VAE trained as many steps on other (e.g. natural) images; '' = none")
+    patch_size: int = param(512, ge=8, multiple_of=8, help="held-out patches; whole images if all are this size or less")
+    n_patches: int = param(64, ge=2, help="fixed held-out patches (rFID wants >= 50)")
+    n_full_images: int = param(1, ge=0, help="whole held-out images reconstructed at full size (tiled) for the browser")
+    tile_size: int = param(512, ge=16, multiple_of=8, help="tiles for full-size reconstructions")
+    lpips_net: str = param("alex", choices=("alex", "vgg", "squeeze"))
+    fid_features: str = param("auto", choices=("auto", "torchmetrics", "fid-helper"))
+    n_bootstrap: int = param(1000, ge=0, help="bootstrap resamples of the 95% intervals; 0 = no intervals")
+    train_data_dir: str = param("", help="training images (with captions) for FID/KID/KL; '' = data_dir of the 03 run")
+    prompts: list = param([], help="[] = the training captions, cycled")
+    n_images: int = param(100, ge=2, help="images per pipeline: prompt i % len(prompts), seed seed + i")
+    resolution: int = param(512, ge=16, multiple_of=8, help="generated image side")
+    num_inference_steps: int = param(30, ge=1)
+    guidance_scale: float = param(7.0, ge=0)
+    scheduler: str = param("", choices=("", *SCHEDULER_NAMES), help="'' = the pipeline's own")
+    batch_size: int = param(4, ge=1, help="images per pipeline call")
+    xyz_axes: dict = param({"cfg": [1.01, 4.0, 7.0], "steps": [10, 20, 30], "checkpoint": ["base", "finetuned"]},
+                           help="x, y, z axes in order: 1-3 of cfg, steps, checkpoint, scheduler, seed")
+    xyz_prompt: str = param("", help="'' = the first prompt")
+    clip_model_id: str = param("openai/clip-vit-large-patch14", pattern=r".+", help="CLIP for the CLIP score")
+    n_clusters: int = param(10, ge=2, help="k-means clusters of the distribution metric")
+
+    def validate(self) -> None:
+        super().validate()
+        axes = self.xyz_axes
+        if not isinstance(axes, dict) or not 1 <= len(axes) <= 3 or any(
+                k not in self.XYZ_AXES or not isinstance(v, (list, tuple)) or not v for k, v in axes.items()):
+            raise ConfigError(f"xyz_axes={axes!r} is not accepted: expected a dict of 1-3 axes among "
+                              f"{', '.join(self.XYZ_AXES)}, each with a non-empty list of values")
+        bad = [v for v in axes.get("scheduler", []) if v not in ("", *self.SCHEDULER_NAMES)]
+        bad += [v for k in ("cfg", "steps", "seed") for v in axes.get(k, []) if not isinstance(v, (int, float))]
+        if bad:
+            raise ConfigError(f"xyz_axes={axes!r} is not accepted: bad values {bad} (schedulers: "
+                              f"{', '.join(self.SCHEDULER_NAMES)}; cfg, steps, seed: numbers)")
+        if not all(isinstance(p, str) for p in self.prompts):
+            raise ConfigError(f"prompts={self.prompts!r} is not accepted: expected a list of strings")

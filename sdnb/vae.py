@@ -41,7 +41,11 @@ class VAEWithPosterior(nn.Module):
         self.vae = vae
         self.sample_posterior = sample_posterior
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, images: torch.Tensor, mean: torch.Tensor | None = None,
+                std: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if mean is not None:  # cached latents (decoder-only training): the frozen encoder already ran
+            latents = mean + std * torch.randn_like(std) if self.sample_posterior else mean
+            return self.vae.decode(latents).sample, torch.zeros(len(images), device=images.device)
         posterior = self.vae.encode(images).latent_dist
         latents = posterior.sample() if self.sample_posterior else posterior.mode()
         return self.vae.decode(latents).sample, posterior.kl()
@@ -59,15 +63,19 @@ def set_trainable(vae: AutoencoderKL, trainable: str, gradient_checkpointing: bo
     return vae
 
 
-def vae_loss(model: nn.Module, images: torch.Tensor, lpips: nn.Module | None, mse_weight: float, l1_weight: float,
+def vae_loss(model: nn.Module, images: torch.Tensor | dict, lpips: nn.Module | None, mse_weight: float, l1_weight: float,
              lpips_weight: float, kl_weight: float) -> dict[str, torch.Tensor]:
-    """One training step's losses for a `VAEWithPosterior` on images in [-1, 1].
+    """One training step's losses for a `VAEWithPosterior` on images in [-1, 1] (or a `CachedLatents` batch).
 
     loss = mse_weight*MSE + l1_weight*L1 + lpips_weight*LPIPS + kl_weight*KL, where KL is summed over the
     latent dimensions and averaged over the batch (so gradient accumulation scales it correctly).
     """
-    # encode, sample a latent from the posterior and decode
-    recon, kl = model(images)
+    # encode (or take the cached posterior), sample a latent from it and decode
+    if isinstance(images, dict):
+        images, recon_kl = images["images"], model(images["images"], images["mean"], images["std"])
+    else:
+        recon_kl = model(images)
+    recon, kl = recon_kl
     recon = recon.float()
     # pixel losses
     mse = F.mse_loss(recon, images.float())
@@ -99,6 +107,8 @@ def finetune(cfg, train_images, val_patches: torch.Tensor):
     lpips = LPIPS(cfg.lpips_net).to(trainer.device)
     patches = PatchDataset(train_images, cfg.patch_size, cfg.patches_per_epoch, seed=cfg.seed,
                            hflip=cfg.hflip, vflip=cfg.vflip, rot90=cfg.rot90)
+    if cfg.cache_latents:
+        patches = CachedLatents(patches, vae, trainer.device)
     weights = dict(mse_weight=cfg.mse_weight, l1_weight=cfg.l1_weight, lpips_weight=cfg.lpips_weight,
                    kl_weight=cfg.kl_weight)
     unwrap = trainer.accelerator.unwrap_model
@@ -113,6 +123,34 @@ def finetune(cfg, train_images, val_patches: torch.Tensor):
         unwrap(models["vae"]).vae.save_pretrained(path)
 
     return trainer.fit({"vae": VAEWithPosterior(vae)}, step_fn, patches, evaluate=evaluate_fn, save_final=save_final)
+
+
+class CachedLatents(torch.utils.data.Dataset):
+    """Decoder-only training on a fixed pool of patches, each encoded once by the frozen encoder.
+
+    Items are {"images", "mean", "std"}; the decoder trains on latents sampled from the cached posterior.
+    The pool is the first epoch's patches: augmentation is not redrawn in later epochs.
+    """
+
+    def __init__(self, patches: torch.utils.data.Dataset, vae: AutoencoderKL, device: torch.device | str = "cpu",
+                 batch_size: int = 16):
+        from tqdm.auto import tqdm
+
+        self.images, self.mean, self.std = [], [], []
+        with torch.no_grad():
+            for start in tqdm(range(0, len(patches), batch_size), desc="caching latents"):
+                batch = torch.stack([patches[i] for i in range(start, min(start + batch_size, len(patches)))])
+                posterior = vae.encode(batch.to(device)).latent_dist
+                self.images.append(batch.add(1).mul(127.5).round().byte())  # uint8: a quarter of the memory
+                self.mean.append(posterior.mean.cpu())
+                self.std.append(posterior.std.cpu())
+        self.images, self.mean, self.std = torch.cat(self.images), torch.cat(self.mean), torch.cat(self.std)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"images": self.images[i].float().div(127.5).sub(1), "mean": self.mean[i], "std": self.std[i]}
 
 
 @dataclass
