@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import torch
 from torch import nn
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
@@ -115,3 +116,196 @@ def frechet_distance(real: torch.Tensor, fake: torch.Tensor, feature: str = "aut
     fid.update(real.add(1).div(2).clamp(0, 1), real=True)
     fid.update(fake.add(1).div(2).clamp(0, 1), real=False)
     return float(fid.compute()), label
+
+
+# --- Set metrics on features extracted once (FID, KID, cluster KL), CLIP score and bootstrap intervals ---
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """(N, 3, H, W) float images in [-1, 1] -> uint8 in [0, 255] (what FID networks and CLIP processors expect)."""
+    return images.float().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8)
+
+
+class PrecomputedFeatures(nn.Module):
+    """Identity `feature` module, so torchmetrics' FID/KID run on features extracted once (and reused)."""
+
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features
+
+
+_EXTRACTORS: dict[tuple[str, str], tuple[nn.Module, str]] = {}
+
+
+def cached_feature_extractor(name: str = "auto", device: torch.device | str = "cpu") -> tuple[nn.Module, str]:
+    """`fid_feature_extractor`, loaded once per process (the InceptionV3 networks take seconds to load)."""
+    key = (name, str(device))
+    if key not in _EXTRACTORS:
+        _EXTRACTORS[key] = fid_feature_extractor(name, device)
+    return _EXTRACTORS[key]
+
+
+@torch.no_grad()
+def image_features(images: torch.Tensor, extractor: nn.Module, batch_size: int = 32) -> torch.Tensor:
+    """(N, D) float64 features of images in [-1, 1]; the extractor gets uint8 batches on its own device."""
+    try:
+        device = next(extractor.parameters()).device
+    except StopIteration:
+        device = torch.device(getattr(getattr(extractor, "helper", None), "device", "cpu"))
+    out = [extractor(to_uint8(chunk).to(device)).double().cpu().reshape(len(chunk), -1)
+           for chunk in images.split(batch_size)]
+    return torch.cat(out)
+
+
+def fid_from_features(real: torch.Tensor, fake: torch.Tensor) -> float:
+    """FID between two feature sets ((N, D) each; at least 2 rows).
+
+    With fewer samples than feature dimensions (the usual case here) the covariances have rank < N and
+    Tr sqrt(S1 S2) equals the nuclear norm of A1 A2^T (A = centred features / sqrt(N-1)): exact, and cheap
+    enough to bootstrap. Otherwise torchmetrics' `FrechetInceptionDistance` computes it.
+    """
+    if len(real) < 2 or len(fake) < 2:
+        raise ValueError(f"FID needs at least 2 images on each side, got {len(real)} and {len(fake)}")
+    real, fake = real.double(), fake.double()
+    if min(len(real), len(fake)) > real.shape[1]:
+        from torchmetrics.image.fid import FrechetInceptionDistance
+
+        fid = FrechetInceptionDistance(feature=PrecomputedFeatures(real.shape[1])).set_dtype(torch.float64)
+        fid.update(real, real=True)
+        fid.update(fake, real=False)
+        return float(fid.compute())
+    a1 = (real - real.mean(0)) / (len(real) - 1) ** 0.5
+    a2 = (fake - fake.mean(0)) / (len(fake) - 1) ** 0.5
+    cross = torch.linalg.svdvals(a1 @ a2.T).sum()
+    value = (real.mean(0) - fake.mean(0)).square().sum() + a1.square().sum() + a2.square().sum() - 2 * cross
+    return float(value.clamp(min=0))
+
+
+def fid_resampler(real: torch.Tensor, fake: torch.Tensor):
+    """`stat(i, j)` = FID between rows `i` of `real` and rows `j` of `fake`, from Gram matrices computed once.
+
+    The same exact formula as `fid_from_features` (mean term + traces - 2 * nuclear norm of the centred cross
+    Gram matrix), at the cost of an n x m SVD per call: what a 1000-resample bootstrap can afford.
+    """
+    x, y = real.double().numpy(), fake.double().numpy()
+    gxx, gyy, gxy = x @ x.T, y @ y.T, x @ y.T
+
+    def centred(g: np.ndarray) -> np.ndarray:
+        return g - g.mean(0, keepdims=True) - g.mean(1, keepdims=True) + g.mean()
+
+    def stat(i: np.ndarray, j: np.ndarray) -> float:
+        a, b, c = gxx[np.ix_(i, i)], gyy[np.ix_(j, j)], gxy[np.ix_(i, j)]
+        n, m = len(i), len(j)
+        mean_term = a.mean() + b.mean() - 2 * c.mean()
+        cross = np.linalg.svd(centred(c), compute_uv=False).sum() / np.sqrt((n - 1) * (m - 1))
+        return float(max(mean_term + np.trace(centred(a)) / (n - 1) + np.trace(centred(b)) / (m - 1) - 2 * cross, 0.0))
+
+    return stat
+
+
+def kid_from_features(real: torch.Tensor, fake: torch.Tensor, subsets: int = 100, seed: int = 0) -> dict[str, float]:
+    """torchmetrics' KID (polynomial-kernel MMD) on features, with `subset_size` = min(1000, both sample counts)."""
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    subset_size = min(1000, len(real), len(fake))
+    if subset_size < 2:
+        raise ValueError(f"KID needs at least 2 images on each side, got {len(real)} and {len(fake)}")
+    with warnings.catch_warnings():  # "will save all extracted features in buffer": they are already in memory
+        warnings.simplefilter("ignore")
+        kid = KernelInceptionDistance(feature=PrecomputedFeatures(real.shape[1]), subsets=subsets, subset_size=subset_size)
+    kid.update(real.double(), real=True)
+    kid.update(fake.double(), real=False)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        mean, std = kid.compute()
+    return {"mean": float(mean), "std": float(std), "subset_size": subset_size}
+
+
+class _CLIPFeatures(nn.Module):
+    """A `CLIPModel` whose get_image/text_features return tensors: transformers 5 returns model outputs (with the
+    projected features in `pooler_output`), which torchmetrics' CLIPScore (1.9) cannot normalise."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model, self.config = model, model.config
+
+    def get_image_features(self, *args, **kwargs) -> torch.Tensor:
+        out = self.model.get_image_features(*args, **kwargs)
+        return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+    def get_text_features(self, *args, **kwargs) -> torch.Tensor:
+        out = self.model.get_text_features(*args, **kwargs)
+        return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+
+def clip_scores(images: torch.Tensor, prompts: list[str], model_id: str = "openai/clip-vit-large-patch14",
+                device: torch.device | str = "cpu") -> tuple[torch.Tensor, str]:
+    """Per-image CLIP score (torchmetrics' `CLIPScore`: max(100 * cosine, 0)) of images in [-1, 1] against prompts.
+
+    `model_id` is a hub id or a local folder holding a `CLIPModel` and its `CLIPProcessor`. Returns the
+    scores and a label naming the model.
+    """
+    from torchmetrics.multimodal.clip_score import CLIPScore
+    from transformers import CLIPModel, CLIPProcessor
+
+    if len(images) != len(prompts):
+        raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
+    metric = CLIPScore(model_name_or_path=lambda: (_CLIPFeatures(CLIPModel.from_pretrained(model_id)),
+                                                   CLIPProcessor.from_pretrained(model_id))).to(device)
+    scores = []
+    for image, prompt in zip(to_uint8(images), prompts):
+        metric.update(image[None].to(device), [prompt])
+        scores.append(float(metric.compute()))
+        metric.reset()
+    return torch.tensor(scores), f"CLIP score ({model_id})"
+
+
+def cluster_shares(features: dict[str, torch.Tensor], n_clusters: int = 10, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Cluster the pooled (standardised) features of all sets with k-means; return each set's cluster labels."""
+    from sklearn.cluster import KMeans
+
+    names = list(features)
+    pooled = torch.cat([features[k] for k in names]).double()
+    pooled = (pooled - pooled.mean(0)) / pooled.std(0).clamp(min=1e-8)
+    k = min(n_clusters, len(pooled))
+    labels = torch.from_numpy(KMeans(n_clusters=k, random_state=seed, n_init=10).fit_predict(pooled.numpy()))
+    return dict(zip(names, labels.split([len(features[k]) for k in names])))
+
+
+def kl_divergence(p_labels: torch.Tensor, q_labels: torch.Tensor, n_clusters: int, smoothing: float = 1.0) -> float:
+    """KL(P || Q) in nats between two sets' cluster distributions, each smoothed by adding `smoothing` to every count."""
+    p = torch.bincount(p_labels, minlength=n_clusters).double() + smoothing
+    q = torch.bincount(q_labels, minlength=n_clusters).double() + smoothing
+    p, q = p / p.sum(), q / q.sum()
+    return float((p * (p / q).log()).sum())
+
+
+def bootstrap_ci(statistic, sizes: tuple[int, ...], n_resamples: int = 1000, seed: int = 0, level: float = 0.95,
+                 bias_correct: bool = False) -> tuple[float, float]:
+    """Percentile bootstrap interval of `statistic(*index_arrays)`: each resample draws, with replacement, one
+    index array per entry of `sizes` (one entry = paired data, e.g. an image and its reconstruction).
+
+    `bias_correct` shifts the interval by the bootstrap estimate of bias (mean of the resamples minus the full-sample
+    value): set statistics such as FID grow when resampling duplicates images, which would push the plain
+    percentile interval above the estimate.
+    """
+    from threadpoolctl import threadpool_limits
+
+    rng = np.random.default_rng(seed)
+    with threadpool_limits(1):  # many small matrix operations: threads only add overhead
+        values = np.array([statistic(*(rng.integers(0, n, n) for n in sizes)) for _ in range(n_resamples)])
+        shift = np.nanmean(values) - statistic(*(np.arange(n) for n in sizes)) if bias_correct else 0.0
+    lo, hi = np.nanpercentile(values, [50 * (1 - level), 50 * (1 + level)]) - shift
+    return float(lo), float(hi)
+
+
+def mean_ci(values, n_resamples: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of a mean (vectorised)."""
+    values = np.asarray(values, dtype=float)
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, len(values), (n_resamples, len(values)))].mean(1)
+    lo, hi = np.percentile(means, [50 * (1 - level), 50 * (1 + level)])
+    return float(lo), float(hi)
