@@ -37,6 +37,7 @@ def read_log(path: str | Path) -> list[dict[str, float]]:
             continue
         row = {k: float(v) for k, v in zip(header, values) if v != ""}
         if "step" in row:
+            row["step"] = int(row["step"])  # written back as it was: "10", not "10.0"
             rows.append(row)
     return rows
 

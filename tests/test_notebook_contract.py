@@ -39,6 +39,8 @@ def test_one_parameters_cell_of_commented_literals(path):
         ast.literal_eval(node.value)  # literals only: no calls, no derived values
         names.add(name)
     assert COMMON <= names, f"{path.name}: missing common parameters {COMMON - names}"
+    several = [line for line in source.splitlines() if line.count("=") > 1]
+    assert not several, f"{path.name}: papermill cannot parse lines with a second '=' (in the comment): {several}"
     comments = {t.start[0] for t in tokenize.generate_tokens(io.StringIO(source).readline) if t.type == tokenize.COMMENT}
     code_lines = [i + 1 for i, line in enumerate(source.splitlines()) if line.strip() and not line.lstrip().startswith("#")]
     missing = [source.splitlines()[i - 1] for i in code_lines if i not in comments]

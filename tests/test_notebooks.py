@@ -1,0 +1,117 @@
+"""The four notebooks, executed with papermill on the embedded default, in a chain through their files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from sdnb.demo import demo_parameters, run_notebook
+
+
+NEEDS = {"01_captioning": (), "02_vae_finetune": (), "03_sd_finetune": ("01_captioning",),
+         "04_compare": ("02_vae_finetune", "03_sd_finetune")}
+
+
+class Chain:
+    """The notebooks as `make demo` runs them (shorter training), each run once, on first need, after what it reads."""
+
+    def __init__(self, assets, out):
+        self.out, self.params, self.done = out, demo_parameters(assets, out, scale=0.7), set()
+
+    def run(self, name: str):
+        for need in NEEDS[name]:
+            self.run(need)
+        if name not in self.done:
+            self.done.add(name)
+            run_notebook(name, self.out, self.params[name])
+        return self.out, self.params
+
+
+@pytest.fixture(scope="session")
+def chain_runner(tiny_assets, tmp_path_factory):
+    return Chain(tiny_assets, tmp_path_factory.mktemp("chain"))
+
+
+@pytest.fixture()
+def vae_run(chain_runner):
+    return chain_runner.run("02_vae_finetune")
+
+
+def test_02_fine_tuning_improves_held_out_reconstructions(vae_run):
+    out, params = vae_run
+    run = out / "02_vae_finetune"
+    metrics = json.loads((run / "metrics.json").read_text())
+    base, tuned = metrics["base"], metrics["finetuned"]
+    assert metrics["n_patches"] == 64
+    assert tuned["psnr"] > base["psnr"] + 2.0, metrics  # dB, on held-out patches of held-out images
+    assert tuned["lpips"] < base["lpips"], metrics
+    assert tuned["ssim"] > base["ssim"], metrics
+    for grid in ("base_reconstructions", "heldout_patches", "heldout_full", "loss"):
+        assert (run / "grids" / f"{grid}.png").stat().st_size > 10_000
+
+
+def test_02_final_vae_loads_and_drops_into_the_pipeline(vae_run, tiny_assets):
+    from diffusers import AutoencoderKL, StableDiffusionPipeline
+
+    out, _ = vae_run
+    vae = AutoencoderKL.from_pretrained(out / "02_vae_finetune" / "final")
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_assets.sd, vae=vae, safety_checker=None)
+    image = pipe("a photo", num_inference_steps=2, height=64, width=64, output_type="np",
+                 generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.shape == (64, 64, 3) and (image == image).all()
+
+
+def test_02_loss_falls(vae_run):
+    import csv
+
+    out, _ = vae_run
+    rows = [r for r in csv.DictReader(open(out / "02_vae_finetune" / "log.csv")) if r.get("loss")]
+    losses = [float(r["loss"]) for r in rows]
+    assert len(losses) >= 4
+    first, last = sum(losses[:2]) / 2, sum(losses[-2:]) / 2
+    assert last < 0.7 * first, losses
+
+
+def test_bad_parameter_fails_in_the_config_cell_naming_it(tiny_assets, tmp_path):
+    import nbformat
+    from papermill.exceptions import PapermillExecutionError
+
+    params = demo_parameters(tiny_assets, tmp_path)["02_vae_finetune"]
+    with pytest.raises(PapermillExecutionError) as err:
+        run_notebook("02_vae_finetune", tmp_path, dict(params, patch_size=-3))
+    assert "patch_size=-3" in str(err.value)
+    executed = nbformat.read(str(tmp_path / "notebooks" / "02_vae_finetune.ipynb"), as_version=4)
+    code = [c for c in executed.cells if c.cell_type == "code"]
+    failed = [i for i, c in enumerate(code) if any(o.get("output_type") == "error" for o in c.outputs)]
+    config_cell = [i for i, c in enumerate(code) if "from_namespace" in c.source]
+    assert failed == config_cell  # it failed early, before any data or model was loaded
+    assert not (tmp_path / "02_vae_finetune" / "checkpoints").exists()
+
+
+def test_02_stopped_and_resumed_from_the_drive_mirror_equals_an_uninterrupted_run(tiny_assets, tmp_path):
+    """20 steps straight vs 10 steps, a lost runtime (local checkpoints gone), then resume="latest" to 20."""
+    import csv
+    import shutil
+
+    from safetensors.torch import load_file
+
+    def params(run, **kw):
+        base = demo_parameters(tiny_assets, tmp_path)["02_vae_finetune"]
+        return dict(base, run_dir=str(tmp_path / run), patch_size=32, patches_per_epoch=40, n_val_patches=4,
+                    batch_size=2, log_every=1, validate_every=0, checkpoint_every=10, **kw)
+
+    run_notebook("02_vae_finetune", tmp_path / "a", params("straight", max_steps=20))
+    run_notebook("02_vae_finetune", tmp_path / "b", params("resumed", max_steps=10, sync_dir=str(tmp_path / "drive")))
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints")  # the runtime was reset: only the mirror is left
+    run_notebook("02_vae_finetune", tmp_path / "b", params("resumed", max_steps=20, sync_dir=str(tmp_path / "drive"),
+                                                           resume="latest"))
+    weights = [load_file(tmp_path / run / "final" / "diffusion_pytorch_model.safetensors") for run in ("straight", "resumed")]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])  # bitwise on CPU
+
+    def losses(run):
+        return [(r["step"], r["loss"]) for r in csv.DictReader(open(tmp_path / run / "log.csv")) if r.get("loss")]
+
+    assert len(losses("straight")) == 20 and losses("straight") == losses("resumed")
