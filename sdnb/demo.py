@@ -36,7 +36,11 @@ def demo_parameters(assets, out: str | Path, scale: float = 1.0) -> dict[str, di
                                checkpoint_every=steps(20), log_every=5, sample_steps=10),
         "04_compare": dict(common, run_dir=str(out / "04_compare"), base_model_id=str(assets.sd),
                            finetuned_model=str(out / "03_sd_finetune"), base_vae=str(assets.sd),
-                           finetuned_vae=str(out / "02_vae_finetune"), image_dir=str(assets.fundus_val)),
+                           finetuned_vae=str(out / "02_vae_finetune"), image_dir=str(assets.fundus_val),
+                           patch_size=64, n_patches=16, tile_size=256, n_images=8, resolution=64,
+                           num_inference_steps=10, batch_size=8, fid_features="fid-helper", n_clusters=3,
+                           xyz_axes={"cfg": [1.0, 7.0], "steps": [5, 10], "checkpoint": ["base", "finetuned"]},
+                           clip_model_id=str(assets.clip)),
     }
 
 

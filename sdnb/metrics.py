@@ -109,13 +109,8 @@ class FidHelperInception(nn.Module):
 
 def frechet_distance(real: torch.Tensor, fake: torch.Tensor, feature: str = "auto") -> tuple[float, str]:
     """FID between two image sets in [-1, 1] and the extractor's label (needs many images to mean much)."""
-    from torchmetrics.image.fid import FrechetInceptionDistance
-
-    extractor, label = fid_feature_extractor(feature)
-    fid = FrechetInceptionDistance(feature=extractor, normalize=True)
-    fid.update(real.add(1).div(2).clamp(0, 1), real=True)
-    fid.update(fake.add(1).div(2).clamp(0, 1), real=False)
-    return float(fid.compute()), label
+    extractor, label = cached_feature_extractor(feature)
+    return fid_from_features(image_features(real, extractor), image_features(fake, extractor)), label
 
 
 # --- Set metrics on features extracted once (FID, KID, cluster KL), CLIP score and bootstrap intervals ---

@@ -29,7 +29,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-TINY_VERSION = 2
+from sdnb.tiny_clip import build_tiny_clip
+
+TINY_VERSION = 3
+CLIP_STEPS = 100  # contrastive steps of the tiny CLIP on the captioned photos
 STAMP_NAME = ".sdnb-tiny.json"
 VAE_STEPS = 300  # photo pre-training of the tiny VAE (batch 8, 32 px crops, one thread): ~25 s CPU time
 VAE_BATCH, VAE_CROP, VAE_LR, VAE_KL = 8, 32, 2e-3, 1e-6
@@ -46,20 +49,21 @@ class TinyAssets:
     fundus_train: Path
     fundus_val: Path
     photos: Path
+    clip: Path
 
 
 def assets_at(out_dir: str | Path) -> TinyAssets:
     """The paths `build(out_dir)` writes (nothing is checked or created)."""
     root = Path(out_dir)
     return TinyAssets(root, root / "sd-tiny", root / "blip-tiny", root / "fundus" / "train",
-                      root / "fundus" / "val", root / "photos")
+                      root / "fundus" / "val", root / "photos", root / "clip-tiny")
 
 
 def is_built(out_dir: str | Path, seed: int = 0) -> bool:
     """True if `out_dir` holds a complete build of this version with this seed."""
     a = assets_at(out_dir)
     stamp = a.root / STAMP_NAME
-    folders = (a.sd, a.blip, a.fundus_train, a.fundus_val, a.photos)
+    folders = (a.sd, a.blip, a.fundus_train, a.fundus_val, a.photos, a.clip)
     if not stamp.is_file() or not all(p.is_dir() for p in folders):
         return False
     try:
@@ -79,12 +83,13 @@ def build(out_dir: str | Path, seed: int = 0, force: bool = False, progress: boo
         return a
     a.root.mkdir(parents=True, exist_ok=True)
     (a.root / STAMP_NAME).unlink(missing_ok=True)
-    for d in (a.sd, a.blip, a.fundus_train.parent, a.photos):
+    for d in (a.sd, a.blip, a.fundus_train.parent, a.photos, a.clip):
         shutil.rmtree(d, ignore_errors=True)
     photos = write_photos(a.photos)
     write_fundus(a.fundus_train.parent)
     vae_info = write_sd(a.sd, photos, seed=seed, progress=progress)
     write_blip(a.blip, seed=seed)
+    build_tiny_clip(a.sd / "tokenizer", a.clip, a.photos, steps=CLIP_STEPS, seed=seed)  # for the CLIP score
     stamp = {"version": TINY_VERSION, "seed": seed, "vae": vae_info}
     tmp = a.root / (STAMP_NAME + ".tmp")
     tmp.write_text(json.dumps(stamp, indent=2))
