@@ -273,7 +273,7 @@ class Callbacks:
         """The whole pipeline (fine-tuned UNet, the text encoder and VAE used) in fp32 safetensors."""
         unet, text_encoder = self._models(models)
         te = text_encoder or self.parts.text_encoder
-        dtypes = {m: m.dtype for m in (self.parts.vae, te)}
+        dtypes = {m: m.dtype for m in (self.parts.vae, te) if m.dtype != torch.float32}  # half on a GPU
         for m in dtypes:
             m.to(torch.float32)
         try:
