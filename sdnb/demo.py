@@ -29,7 +29,7 @@ def demo_parameters(assets, out: str | Path, scale: float = 1.0) -> dict[str, di
                               sweep_grid={"repetition_penalty": [1.0, 1.4], "num_beams": [1, 4]}),
         "02_vae_finetune": dict(common, run_dir=str(out / "02_vae_finetune"), image_dir=str(assets.fundus_train),
                                 val_image_dir=str(assets.fundus_val), model_id=str(assets.sd), patch_size=64,
-                                max_steps=steps(150)),
+                                tile_size=256, max_steps=steps(150)),
         "03_sd_finetune": dict(common, run_dir=str(out / "03_sd_finetune"),
                                data_dir=str(out / "01_captioning" / "train"), model_id=str(assets.sd),
                                resolution=64, max_steps=steps(40), lr=5e-4, validate_every=steps(10),

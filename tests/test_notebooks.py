@@ -19,6 +19,8 @@ class Chain:
 
     def __init__(self, assets, out):
         self.out, self.params, self.done = out, demo_parameters(assets, out, scale=0.7), set()
+        # 02 on 32 px patches: 4x cheaper per step than the demo's 64 px; 16 held-out patches (no rFID)
+        self.params["02_vae_finetune"].update(patch_size=32, max_steps=80, n_val_patches=16, tile_size=128)
 
     def run(self, name: str):
         for need in NEEDS[name]:
@@ -44,12 +46,12 @@ def test_02_fine_tuning_improves_held_out_reconstructions(vae_run):
     run = out / "02_vae_finetune"
     metrics = json.loads((run / "metrics.json").read_text())
     base, tuned = metrics["base"], metrics["finetuned"]
-    assert metrics["n_patches"] == 64
+    assert metrics["n_patches"] == 16
     assert tuned["psnr"] > base["psnr"] + 2.0, metrics  # dB, on held-out patches of held-out images
     assert tuned["lpips"] < base["lpips"], metrics
     assert tuned["ssim"] > base["ssim"], metrics
     for grid in ("base_reconstructions", "heldout_patches", "heldout_full", "loss"):
-        assert (run / "grids" / f"{grid}.png").stat().st_size > 10_000
+        assert (run / "grids" / f"{grid}.png").stat().st_size > 5_000
 
 
 def test_02_final_vae_loads_and_drops_into_the_pipeline(vae_run, tiny_assets):

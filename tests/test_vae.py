@@ -16,7 +16,7 @@ from sdnb.vae import VAEWithPosterior, load_vae, prepare_data, set_trainable, va
 
 def small_config(tiny_assets, run_dir, **overrides) -> VAEConfig:
     values = dict(run_dir=str(run_dir), image_dir=str(tiny_assets.fundus_train), val_image_dir=str(tiny_assets.fundus_val),
-                  model_id=str(tiny_assets.sd), patch_size=32, patches_per_epoch=64, n_val_patches=16, max_steps=30,
+                  model_id=str(tiny_assets.sd), patch_size=32, patches_per_epoch=64, n_val_patches=8, max_steps=30,
                   batch_size=4, lr=1e-3, device="cpu", mixed_precision="no", checkpoint_every=0,
                   checkpoint_minutes=0, log_every=5, validate_every=0)
     return VAEConfig(**{**values, **overrides})
