@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from sdnb.caption import load_captioner
-from sdnb.images import load_rgb, scan
+from sdnb.data.images import load_rgb, scan
 
 
 def images_per_second(captioner, images, batch_size: int, **gen) -> tuple[float, list[str]]:
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         blip, photos = args.blip, args.photos
         if blip is None or photos is None:
-            from sdnb.tiny import build
+            from sdnb.demo import build
 
             assets = build(Path(tmp) / "tiny", progress=False)
             blip, photos = blip or assets.blip, photos or assets.photos

@@ -30,7 +30,7 @@ from diffusers import AutoencoderKL
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from sdnb.train import Trainer, TrainSettings
+from sdnb.train import TrainConfig, Trainer
 
 
 def tiny_vae(channels: tuple[int, ...]) -> AutoencoderKL:
@@ -80,7 +80,8 @@ def bare(model: nn.Module, data: TensorDataset, steps: int, batch: int) -> float
 
 def loop(model: nn.Module, data: TensorDataset, steps: int, batch: int, run_dir: Path, **kw) -> float:
     """Seconds per step of Trainer.fit, from the first step to the final save (one-time setup excluded)."""
-    trainer = Trainer(TrainSettings(run_dir=str(run_dir), max_steps=steps, batch_size=batch, log_every=10, **kw))
+    trainer = Trainer(TrainConfig(run_dir=str(run_dir), max_steps=steps, batch_size=batch, log_every=10, checkpoint_every=0,
+                                  checkpoint_minutes=0.0, mixed_precision="no", **kw))
     calls: list[float] = []
 
     def timed_step(models, b):

@@ -6,7 +6,7 @@ the image for every patch, on large PNGs, and what the one-time decode costs.
 
 The PNGs are scikit-image's retina photograph (1411x1411) upscaled (bicubic) to `--size`, each turned a different
 way, written once into a temporary folder. Both ways produce the same thing per patch: a random crop with random
-flips and 90-degree turns, as a float tensor in [-1, 1] (`sdnb.patches.to_tensor`).
+flips and 90-degree turns, as a float tensor in [-1, 1] (`sdnb.data.images.to_tensor`).
 
 - per-patch decode: PIL open, crop (a PNG is decoded whole for any crop), RGB, flip, tensor - the leanest
   version of a loader that opens the file in `__getitem__`.
@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from sdnb.images import load_rgb
-from sdnb.patches import DecodedImages, PatchDataset, to_tensor
+from sdnb.data.images import load_rgb, to_tensor
+from sdnb.vae.data import DecodedImages, PatchDataset
 
 
 def write_pngs(out: Path, n: int, size: int) -> list[Path]:

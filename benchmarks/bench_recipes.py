@@ -4,11 +4,11 @@
     python benchmarks/bench_recipes.py --steps 60 --recipes sdnb,ft-mse
     python benchmarks/bench_recipes.py --assets /tmp/tiny --seeds 0,1,2   # reuse a built sdnb.tiny, average seeds
 
-Each recipe (`sdnb.config.VAE_RECIPES`, every value as the recipe sets it: trainable part, optimizer, lr, batch
+Each recipe (`sdnb.vae.VAE_RECIPES`, every value as the recipe sets it: trainable part, optimizer, lr, batch
 and accumulation, loss weights, EMA, augmentation) fine-tunes the tiny SD's VAE (pre-trained on natural photos)
 on random fundus patches through `sdnb.vae.finetune` - the notebook's code path - for the same number of
 optimizer steps with the same seed. The held-out patches are the fixed set `prepare_data` cuts from the
-fundus validation tiles (disjoint from the training tiles); `sdnb.recon.evaluate` scores the base VAE and the
+fundus validation tiles (disjoint from the training tiles); `sdnb.vae.finetune.held_out_metrics` scores the base VAE and the
 saved fine-tuned VAE (the EMA weights where the recipe keeps an EMA) on them.
 
 LPIPS offline has a random AlexNet backbone. Training uses the one `finetune` builds; the held-out LPIPS
@@ -27,10 +27,10 @@ from pathlib import Path
 
 import torch
 
-from sdnb.config import VAE_RECIPES, VAEConfig
 from sdnb.metrics import LPIPS
-from sdnb.recon import evaluate
-from sdnb.vae import finetune, load_vae, prepare_data
+from sdnb.models import load_vae
+from sdnb.vae import VAE_RECIPES, VAEConfig, finetune, prepare_data
+from sdnb.vae.finetune import held_out_metrics as evaluate
 
 EVAL_LPIPS_SEED = 12345
 HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "lpips": False}
@@ -71,7 +71,7 @@ def main() -> None:
     parser.add_argument("--assets", help="folder of a built sdnb.tiny (built there if missing; default: a temp folder)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the tiny VAE is fastest on 1)")
     args = parser.parse_args()
-    from sdnb.tiny import build
+    from sdnb.demo import build
 
     torch.set_num_threads(args.threads)
     recipes = [r.strip() for r in args.recipes.split(",")]

@@ -9,8 +9,8 @@ that peak above the memory held once the models are loaded (imports alone take ~
 from the loop's log.csv (elapsed time between the 3rd and the last step: the caching pass and model
 loading are not in it; they are in "setup s"). Rounds alternate the variants so that a busy machine
 slows all alike; the best round counts. Ratios are printed against "no cache, no checkpointing".
-REFERENCES section 6: diffusers' train_text_to_image on a tiny SD ran 11.1 steps/s at 64 px (1.02 GB) and
-0.22 steps/s at 256 px (1.7 GB), batch 2, on this kind of machine.
+For scale, measured on the development machine (2 cores, fp32): diffusers' train_text_to_image on a tiny SD ran
+11.1 steps/s at 64 px (1.02 GB) and 0.22 steps/s at 256 px (1.7 GB), batch 2.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ CAPTIONS = ["a red flower in a garden", "a cat on a sofa", "a rocket on a launch
 
 def captioned_copies(photos: Path, out: Path, n: int = 8) -> Path:
     """n captioned images of mixed aspect ratios (1:1, 2:1, 1:2) cut from the photos, with .txt sidecars."""
-    from sdnb.images import load_rgb, scan
+    from sdnb.data.images import load_rgb, scan
 
     out.mkdir(parents=True, exist_ok=True)
     images = [load_rgb(r.path) for r in scan(photos, progress=False).ok]
@@ -50,20 +50,19 @@ def child(args: dict) -> None:
     import torch
 
     torch.set_num_threads(args["threads"])
-    from sdnb.buckets import read_captions
-    from sdnb.config import SDConfig
-    from sdnb.logs import read_log
-    from sdnb.sd import finetune, load_sd
+    from sdnb.data import read_captions
+    from sdnb.sd import SDConfig, build_datasets, finetune, load_parts
+    from sdnb.train import read_log
 
     cfg = SDConfig(run_dir=args["run_dir"], data_dir=args["data"], model_id=args["sd"], device="cpu", mixed_precision="no",
                    resolution=args["size"], max_steps=args["steps"], max_epochs=0, batch_size=2, lr=1e-5, log_every=1,
                    validate_every=0, checkpoint_every=0, checkpoint_minutes=0, sample_prompts=[], val_fraction=0.0,
                    crop_jitter=0.0, flip=False, **args["variant"])
-    parts = load_sd(cfg.model_id)
+    parts = load_parts(cfg.model_id)
     records = read_captions(cfg.data_dir, progress=False)
     rss_loaded = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     start = time.perf_counter()
-    finetune(cfg, parts, records, [])
+    finetune(cfg, parts, *build_datasets(cfg, records, []))
     total = time.perf_counter() - start
     rows = [r for r in read_log(Path(cfg.run_dir) / "log.csv") if "loss" in r]
     warm = rows[2]
@@ -102,7 +101,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         sd, photos = args.sd, args.photos
         if not sd or not photos:
-            from sdnb.tiny import build
+            from sdnb.demo import build
 
             assets = build(Path(tmp) / "assets", progress=False)
             sd, photos = sd or assets.sd, photos or assets.photos

@@ -1,34 +1,38 @@
 """VAE training speed and memory under the main options, as ratios to plain fp32, and the step's achieved FLOP/s.
 
     python benchmarks/bench_vae.py                           # tiny VAE at 64 px batch 8, SD's VAE at 128 px batch 2
-    python benchmarks/bench_vae.py --models tiny066          # the tiny VAE of REFERENCES section 6 (~2 min)
+    python benchmarks/bench_vae.py --models tiny066          # the tiny VAE the fundus article's trainer was measured with (~2 min)
     python benchmarks/bench_vae.py --models sd --sd-sizes 128:2,256:1 --sd-steps 3 --threads 2
     python benchmarks/bench_vae.py --models tiny --tiny-steps 4  # quick
 
-Models: "tiny" is sdnb's tiny VAE (`sdnb.tiny.tiny_vae`, 0.24 M parameters, the embedded default's
-architecture), "tiny066" the 0.66 M-parameter VAE of REFERENCES section 6 (channels 32/64, one layer per
+Models: "tiny" is sdnb's tiny VAE (`sdnb.demo.models.tiny_vae`, 0.24 M parameters, the embedded default's
+architecture), "tiny066" the 0.66 M-parameter VAE the fundus article's trainer was measured with (channels 32/64, one layer per
 block), "sd" the full-size SD v1 VAE architecture (83.7 M parameters) with random init - no download.
 Speed does not depend on the weights' values.
 
 Every step is the same math: `VAEWithPosterior` -> `vae_loss` with the "sdnb" recipe's weights
 (MSE 1, LPIPS 0.1 with a random AlexNet backbone - its cost is included -, KL 1e-6), backward, gradient
 clipping at 1.0, AdamW. Variants: plain fp32 (the baseline), channels_last (model, LPIPS and batch),
-gradient checkpointing, decoder-only (`set_trainable(vae, "decoder")`: the frozen encoder still runs, without
-a graph), and decoder-only on cached latents (`CachedLatents`: the step decodes a sample of the stored
-posterior; the one-time encoding pass is in "setup s", not in images/s).
+gradient checkpointing, decoder-only (`prepare_for_training(vae, "decoder")`: the frozen encoder still runs, without
+a graph), decoder-only on cached latents (`PatchLatents`: the step decodes a sample of the stored
+posterior; the one-time encoding pass is in "setup s", not in images/s), and bf16 autocast with fp32 master
+weights (this CPU has AMX: bf16 matmuls run several times faster than fp32).
 
 Each variant runs in a fresh subprocess. images/s = batch / median step time over the timed steps (after
-warm-up steps; the median resists other processes' bursts). Memory is RSS, not tracemalloc: just before the
-first step the process's peak RSS (VmHWM) is reset (/proc/self/clear_refs) and its RSS read (psutil);
-"peak GB" is the process's peak RSS over the steps (imports of torch/diffusers included, as in REFERENCES
-section 6) and "train GB" that peak minus the RSS before the first step, when the model, LPIPS, the data
-(and the latent cache) are already in memory: what training itself adds (activations, gradients, AdamW state).
+warm-up steps; the median resists other processes' bursts). Memory is RSS, not tracemalloc: RSS is read
+(psutil) before the first step, with the model, LPIPS, the data (and the latent cache) in memory; after the
+warm-up the process's peak RSS (VmHWM) is reset (/proc/self/clear_refs). "peak GB" is the peak RSS over the
+timed steps (imports of torch/diffusers included, as in the measurements of the article's trainer), "train GB" that peak minus the
+RSS before the first step: what training adds (AdamW state, gradients, activations).
 Threads: 1 by default (--threads). On this shared 2-core machine, whenever another process keeps a core busy,
 2 OpenMP threads stall at every parallel region: measured at load ~3.6, an SD VAE step at 128 px took 25-30 s
 on 2 threads and 15 s on 1, and the tiny VAE's step 5-20x longer on 2 threads than on 1. On an idle machine
-2 threads would be up to ~2x faster than 1 (the SD VAE forward: 2.4 s on 2 threads vs 4.7 s on 1). FLOPs of one plain step (forward + backward, LPIPS included) are counted with
-`torch.utils.flop_counter.FlopCounterMode` and divided by the step's median time; the CPU's matmul FLOP/s is
-the best of a few large fp32 `torch.mm`, measured in this run before and after the variants.
+2 threads would be up to ~2x faster than 1 (the SD VAE forward: 2.4 s on 2 threads vs 4.7 s on 1).
+
+FLOPs of one plain step (forward + backward, LPIPS included) are counted with
+`torch.utils.flop_counter.FlopCounterMode` on the plain variant's (untimed) warm-up step and divided by its
+median step time; the CPU's matmul FLOP/s is the best of a few large fp32 `torch.mm` (2048x2048), measured
+in this run before and after the variants (the better of the two counts).
 """
 
 from __future__ import annotations
@@ -48,8 +52,9 @@ VARIANTS = {
     "grad checkpointing": dict(trainable="all", checkpointing=True),
     "decoder-only": dict(trainable="decoder"),
     "decoder-only + cache": dict(trainable="decoder", cached=True),
+    "bf16 autocast": dict(trainable="all", bf16=True),
 }
-# REFERENCES section 6: the fundus article's VAE trainer on this machine (process peak memory).
+# The fundus article's VAE trainer, measured on the development machine (2 cores, fp32): images/s, process peak GB.
 ARTICLE = {("tiny066", 64, 8): (29.0, 1.29), ("sd", 128, 2): (0.616, 3.4), ("sd", 256, 1): (0.136, 4.5),
            ("sd", 512, 1): (0.027, 11.3)}
 SDNB_WEIGHTS = dict(mse_weight=1.0, l1_weight=0.0, lpips_weight=0.1, kl_weight=1e-6)  # VAE_RECIPES["sdnb"]
@@ -61,7 +66,7 @@ def build_vae(model: str):
     from diffusers import AutoencoderKL
 
     if model == "tiny":
-        from sdnb.tiny import tiny_vae
+        from sdnb.demo.models import tiny_vae
         return tiny_vae(0)
     torch.manual_seed(0)
     if model == "tiny066":
@@ -90,11 +95,11 @@ def retina_crops(n: int, size: int, seed: int = 0):
     return torch.stack(crops).permute(0, 3, 1, 2).float().div(127.5).sub(1)
 
 
-def matmul_flops(n: int = 2048, repeats: int = 5) -> float:
-    """Best FLOP/s of an n x n fp32 `torch.mm` on this CPU (2 n^3 FLOPs each)."""
+def matmul_flops(n: int = 2048, repeats: int = 5, dtype=None) -> float:
+    """Best FLOP/s of an n x n `torch.mm` (fp32 unless `dtype`) on this CPU (2 n^3 FLOPs each)."""
     import torch
 
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     torch.mm(a, b)  # warm-up
     best = float("inf")
     for _ in range(repeats):
@@ -127,10 +132,11 @@ def child(a: dict) -> None:
 
     torch.set_num_threads(a["threads"])
     from sdnb.metrics import LPIPS
-    from sdnb.vae import CachedLatents, VAEWithPosterior, set_trainable, vae_loss
+    from sdnb.vae.data import PatchLatents
+    from sdnb.vae.model import VAEWithPosterior, prepare_for_training, vae_loss
 
     v = VARIANTS[a["variant"]]
-    vae = set_trainable(build_vae(a["model"]), v["trainable"], v.get("checkpointing", False))
+    vae = prepare_for_training(build_vae(a["model"]), v["trainable"], v.get("checkpointing", False))
     torch.manual_seed(1)
     lpips = LPIPS(pretrained_backbone=False)
     model = VAEWithPosterior(vae)
@@ -142,7 +148,7 @@ def child(a: dict) -> None:
         lpips.to(memory_format=fmt)
     setup_start = time.perf_counter()
     if v.get("cached"):
-        cache = CachedLatents(list(pool), vae, batch_size=batch)
+        cache = PatchLatents(list(pool), vae, batch_size=batch)
         batches = [{k: torch.stack([cache[j][k] for j in range(i * batch, (i + 1) * batch)]) for k in ("images", "mean", "std")}
                    for i in range(n_batches)]
     else:
@@ -151,8 +157,11 @@ def child(a: dict) -> None:
     params = [p for p in vae.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
 
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(v.get("bf16")))
+
     def step(b) -> None:
-        losses = vae_loss(model, b, lpips, **SDNB_WEIGHTS)
+        with autocast:  # fp32 master weights; vae_loss computes the losses in fp32
+            losses = vae_loss(model, b, lpips, **SDNB_WEIGHTS)
         losses["loss"].backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -160,26 +169,29 @@ def child(a: dict) -> None:
 
     import gc
     gc.collect()
-    reset = reset_peak_rss()
-    rss_before = psutil.Process().memory_info().rss
+    rss_before = psutil.Process().memory_info().rss  # model, LPIPS, data (and cache) in memory; no AdamW state yet
     load_start = os.getloadavg()[0]
+    flops = None
+    for i in range(max(a["warmup"], 1 if a["count_flops"] else 0)):  # untimed; FLOPs are counted on the first
+        if i == 0 and a["count_flops"]:
+            from torch.utils.flop_counter import FlopCounterMode
+
+            with FlopCounterMode(display=False) as counter:
+                step(batches[0])
+            flops = counter.get_total_flops()
+        else:
+            step(batches[i % n_batches])
+    reset = reset_peak_rss()  # the peak of the timed steps: AdamW state, weights, activations, gradients
     times = []
-    for i in range(a["warmup"] + a["steps"]):
+    for i in range(a["steps"]):
         start = time.perf_counter()
         step(batches[i % n_batches])
-        if i >= a["warmup"]:
-            times.append(time.perf_counter() - start)
-    peak = peak_rss() if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # before FLOP counting
-    flops = None
-    if a["count_flops"]:
-        from torch.utils.flop_counter import FlopCounterMode
-
-        with FlopCounterMode(display=False) as counter:
-            step(batches[0])
-        flops = counter.get_total_flops()
+        times.append(time.perf_counter() - start)
+    peak = peak_rss() if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps({"step_s": statistics.median(times), "times": times, "peak_gb": peak / 2**30,
                       "train_gb": (peak - rss_before) / 2**30, "before_gb": rss_before / 2**30, "setup_s": setup_s,
-                      "flops": flops, "load": (load_start + os.getloadavg()[0]) / 2, "peak_reset": reset, "n_params": sum(p.numel() for p in vae.parameters()),
+                      "flops": flops, "load": (load_start + os.getloadavg()[0]) / 2, "peak_reset": reset,
+                      "n_params": sum(p.numel() for p in vae.parameters()),
                       "n_trainable": sum(p.numel() for p in params)}))
 
 
@@ -198,8 +210,9 @@ def main() -> None:
     parser.add_argument("--tiny-batch", type=int, default=8)
     parser.add_argument("--tiny-steps", type=int, default=10, help="timed steps per tiny variant")
     parser.add_argument("--sd-sizes", default="128:2", help="size:batch pairs for the SD VAE, e.g. 128:2,256:1")
-    parser.add_argument("--sd-steps", type=int, default=2,
-                        help="timed steps per SD VAE variant (~15 s each at 128 px batch 2 on 1 thread)")
+    parser.add_argument("--sd-steps", type=int, default=1,
+                        help="timed steps per SD VAE variant (~15 s each at 128 px batch 2 on 1 thread); 1 keeps the "
+                        "default run near 5 min, 2-3 give steadier numbers")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (AdamW state, allocator)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of: " + ", ".join(VARIANTS))
     parser.add_argument("--rounds", type=int, default=1, help="rounds over the variants; the fastest round counts")
@@ -255,10 +268,10 @@ def main() -> None:
               f"{base['step_s']:.3f} s -> {base['flops'] / base['step_s'] / 1e9:.1f} GFLOP/s")
         ref = ARTICLE.get((model, size, batch))
         if ref:
-            print(f"REFERENCES section 6, the fundus article's trainer here: {ref[0]} images/s, {ref[1]} GB peak -> "
+            print(f"the fundus article's trainer, measured on the development machine: {ref[0]} images/s, {ref[1]} GB peak -> "
                   f"sdnb plain step {batch / base['step_s'] / ref[0]:.2f}x its speed, {base['peak_gb'] / ref[1]:.2f}x its "
                   f"peak memory; fastest variant {max(batch / r['step_s'] for r in best.values()) / ref[0]:.2f}x its speed")
-        summary.append((model, size, batch, threads, base, ref))
+        summary.append((model, size, batch, threads, base, ref, best))
     print()
     mm_best = {}
     for threads, before in mm_before.items():
@@ -266,12 +279,22 @@ def main() -> None:
         after = matmul_flops()
         mm_best[threads] = max(before, after)
         print(f"fp32 matmul after the variants, {threads} thread(s): {after / 1e9:.1f} GFLOP/s (before: {before / 1e9:.1f})")
+    bf16_mm = {}
+    if "bf16 autocast" in variants:
+        for threads in mm_before:
+            torch.set_num_threads(threads)
+            bf16_mm[threads] = matmul_flops(dtype=torch.bfloat16)
+            print(f"bf16 matmul, {threads} thread(s): {bf16_mm[threads] / 1e9:.1f} GFLOP/s")
     print("achieved FLOP/s of the plain step against the best fp32 matmul FLOP/s of this run (same thread count); "
           "the counter counts convolutions, matmuls and attention, not GroupNorm/SiLU/elementwise work:")
-    for model, size, batch, threads, base, ref in summary:
+    for model, size, batch, threads, base, ref, best in summary:
         achieved = base["flops"] / base["step_s"]
         line = (f"  {model} {size} px batch {batch}: {achieved / 1e9:.1f} GFLOP/s = {100 * achieved / mm_best[threads]:.0f}% "
                 f"of {mm_best[threads] / 1e9:.0f} GFLOP/s")
+        if "bf16 autocast" in best:
+            bf16 = base["flops"] / best["bf16 autocast"]["step_s"]
+            line += (f"; bf16 autocast: {bf16 / 1e9:.1f} GFLOP/s = {100 * bf16 / bf16_mm[threads]:.0f}% of the bf16 "
+                     f"matmul's {bf16_mm[threads] / 1e9:.0f}")
         if ref:  # the same step at the reference's speed would need this many FLOP/s
             implied = ref[0] / batch * base["flops"]
             top = max(mm_best.values())

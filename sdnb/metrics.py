@@ -8,10 +8,16 @@ from __future__ import annotations
 
 import warnings
 
+import lpips as lpips_package
 import numpy as np
 import torch
+from sklearn.cluster import KMeans
 from torch import nn
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+from torchmetrics.image.fid import FrechetInceptionDistance, NoTrainInceptionV3
+from torchmetrics.image.kid import KernelInceptionDistance
+from torchmetrics.multimodal.clip_score import CLIPScore
+from transformers import CLIPModel, CLIPProcessor
 
 PSNR_CAP = 100.0  # dB reported for identical images (PSNR would be infinite)
 
@@ -36,14 +42,12 @@ class LPIPS(nn.Module):
 
     def __init__(self, net: str = "alex", pretrained_backbone: bool | None = None):
         super().__init__()
-        import lpips
-
         self.pretrained_backbone = pretrained_backbone
         if pretrained_backbone is not False:
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    self.model = lpips.LPIPS(net=net, verbose=False)
+                    self.model = lpips_package.LPIPS(net=net, verbose=False)
                 self.pretrained_backbone = True
             except Exception as err:  # no network: fall back, loudly
                 if pretrained_backbone:
@@ -54,7 +58,7 @@ class LPIPS(nn.Module):
         if not self.pretrained_backbone:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                self.model = lpips.LPIPS(net=net, pnet_rand=True, verbose=False)
+                self.model = lpips_package.LPIPS(net=net, pnet_rand=True, verbose=False)
         self.net = net
         self.model.eval().requires_grad_(False)
 
@@ -68,6 +72,16 @@ class LPIPS(nn.Module):
         return self.model(preds, target, normalize=False).flatten()
 
 
+@torch.no_grad()
+def per_image_metrics(recon: torch.Tensor, originals: torch.Tensor, lpips: nn.Module,
+                      batch_size: int = 8) -> dict[str, list[float]]:
+    """PSNR, SSIM and LPIPS of each reconstruction against its original, as lists (one value per image)."""
+    device = next(lpips.parameters()).device
+    lp = torch.cat([lpips(r.to(device), o.to(device)).cpu() for r, o in zip(recon.split(batch_size),
+                                                                              originals.split(batch_size))])
+    return {"psnr": psnr(recon, originals).tolist(), "ssim": ssim(recon, originals).tolist(), "lpips": lp.tolist()}
+
+
 def fid_feature_extractor(name: str = "auto", device: torch.device | str = "cpu") -> tuple[nn.Module | int, str]:
     """The `feature` argument for torchmetrics' FID/KID and a label for it.
 
@@ -77,8 +91,6 @@ def fid_feature_extractor(name: str = "auto", device: torch.device | str = "cpu"
     """
     if name in ("auto", "torchmetrics"):
         try:
-            from torchmetrics.image.fid import NoTrainInceptionV3
-
             return NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"]).to(device), "InceptionV3 (torchmetrics)"
         except Exception as err:
             if name == "torchmetrics":
@@ -107,13 +119,7 @@ class FidHelperInception(nn.Module):
         return torch.from_numpy(feats).float()
 
 
-def frechet_distance(real: torch.Tensor, fake: torch.Tensor, feature: str = "auto") -> tuple[float, str]:
-    """FID between two image sets in [-1, 1] and the extractor's label (needs many images to mean much)."""
-    extractor, label = cached_feature_extractor(feature)
-    return fid_from_features(image_features(real, extractor), image_features(fake, extractor)), label
-
-
-# --- Set metrics on features extracted once (FID, KID, cluster KL), CLIP score and bootstrap intervals ---
+# --- Set metrics on features extracted once (FID, KID, cluster KL) and the CLIP score ---
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -135,11 +141,14 @@ class PrecomputedFeatures(nn.Module):
 _EXTRACTORS: dict[tuple[str, str], tuple[nn.Module, str]] = {}
 
 
-def cached_feature_extractor(name: str = "auto", device: torch.device | str = "cpu") -> tuple[nn.Module, str]:
-    """`fid_feature_extractor`, loaded once per process (the InceptionV3 networks take seconds to load)."""
-    key = (name, str(device))
+def feature_extractor(features: str | nn.Module = "auto", device: torch.device | str = "cpu") -> tuple[nn.Module, str]:
+    """The FID network by name (`fid_feature_extractor`, loaded once per process: InceptionV3 takes seconds to
+    load), or a given module (labelled by its `label` attribute or class name); returns (module, label)."""
+    if isinstance(features, nn.Module):
+        return features, getattr(features, "label", type(features).__name__)
+    key = (features, str(device))
     if key not in _EXTRACTORS:
-        _EXTRACTORS[key] = fid_feature_extractor(name, device)
+        _EXTRACTORS[key] = fid_feature_extractor(features, device)
     return _EXTRACTORS[key]
 
 
@@ -166,8 +175,6 @@ def fid_from_features(real: torch.Tensor, fake: torch.Tensor) -> float:
         raise ValueError(f"FID needs at least 2 images on each side, got {len(real)} and {len(fake)}")
     real, fake = real.double(), fake.double()
     if min(len(real), len(fake)) > real.shape[1]:
-        from torchmetrics.image.fid import FrechetInceptionDistance
-
         fid = FrechetInceptionDistance(feature=PrecomputedFeatures(real.shape[1])).set_dtype(torch.float64)
         fid.update(real, real=True)
         fid.update(fake, real=False)
@@ -203,8 +210,6 @@ def fid_resampler(real: torch.Tensor, fake: torch.Tensor):
 
 def kid_from_features(real: torch.Tensor, fake: torch.Tensor, subsets: int = 100, seed: int = 0) -> dict[str, float]:
     """torchmetrics' KID (polynomial-kernel MMD) on features, with `subset_size` = min(1000, both sample counts)."""
-    from torchmetrics.image.kid import KernelInceptionDistance
-
     subset_size = min(1000, len(real), len(fake))
     if subset_size < 2:
         raise ValueError(f"KID needs at least 2 images on each side, got {len(real)} and {len(fake)}")
@@ -243,9 +248,6 @@ def clip_scores(images: torch.Tensor, prompts: list[str], model_id: str = "opena
     `model_id` is a hub id or a local folder holding a `CLIPModel` and its `CLIPProcessor`. Returns the
     scores and a label naming the model.
     """
-    from torchmetrics.multimodal.clip_score import CLIPScore
-    from transformers import CLIPModel, CLIPProcessor
-
     if len(images) != len(prompts):
         raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
     metric = CLIPScore(model_name_or_path=lambda: (_CLIPFeatures(CLIPModel.from_pretrained(model_id)),
@@ -260,8 +262,6 @@ def clip_scores(images: torch.Tensor, prompts: list[str], model_id: str = "opena
 
 def cluster_shares(features: dict[str, torch.Tensor], n_clusters: int = 10, seed: int = 0) -> dict[str, torch.Tensor]:
     """Cluster the pooled (standardised) features of all sets with k-means; return each set's cluster labels."""
-    from sklearn.cluster import KMeans
-
     names = list(features)
     pooled = torch.cat([features[k] for k in names]).double()
     pooled = (pooled - pooled.mean(0)) / pooled.std(0).clamp(min=1e-8)
@@ -276,31 +276,3 @@ def kl_divergence(p_labels: torch.Tensor, q_labels: torch.Tensor, n_clusters: in
     q = torch.bincount(q_labels, minlength=n_clusters).double() + smoothing
     p, q = p / p.sum(), q / q.sum()
     return float((p * (p / q).log()).sum())
-
-
-def bootstrap_ci(statistic, sizes: tuple[int, ...], n_resamples: int = 1000, seed: int = 0, level: float = 0.95,
-                 bias_correct: bool = False) -> tuple[float, float]:
-    """Percentile bootstrap interval of `statistic(*index_arrays)`: each resample draws, with replacement, one
-    index array per entry of `sizes` (one entry = paired data, e.g. an image and its reconstruction).
-
-    `bias_correct` shifts the interval by the bootstrap estimate of bias (mean of the resamples minus the full-sample
-    value): set statistics such as FID grow when resampling duplicates images, which would push the plain
-    percentile interval above the estimate.
-    """
-    from threadpoolctl import threadpool_limits
-
-    rng = np.random.default_rng(seed)
-    with threadpool_limits(1):  # many small matrix operations: threads only add overhead
-        values = np.array([statistic(*(rng.integers(0, n, n) for n in sizes)) for _ in range(n_resamples)])
-        shift = np.nanmean(values) - statistic(*(np.arange(n) for n in sizes)) if bias_correct else 0.0
-    lo, hi = np.nanpercentile(values, [50 * (1 - level), 50 * (1 + level)]) - shift
-    return float(lo), float(hi)
-
-
-def mean_ci(values, n_resamples: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap interval of a mean (vectorised)."""
-    values = np.asarray(values, dtype=float)
-    rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, len(values), (n_resamples, len(values)))].mean(1)
-    lo, hi = np.percentile(means, [50 * (1 - level), 50 * (1 + level)])
-    return float(lo), float(hi)

@@ -1,4 +1,5 @@
-"""Where the notebook runs: Colab or not, Google Drive, device, precision, seeding."""
+"""Where the notebook runs: Colab or not, Google Drive, device, precision (and the dtype of frozen weights),
+seeding."""
 
 from __future__ import annotations
 
@@ -8,7 +9,12 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import diffusers
 import torch
+import transformers
+from accelerate.utils import set_seed
+
+from sdnb import __version__
 
 DRIVE_ROOT = "/content/drive"
 
@@ -66,10 +72,22 @@ def pick_precision(device: torch.device, mixed_precision: str = "auto") -> str:
     return "no"
 
 
+HALF_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def weights_dtype(precision: str, device: torch.device | str) -> torch.dtype:
+    """The dtype of weights used only for inference (frozen models, pipelines, BLIP): the half precision that
+    `precision` names ("fp16", "bf16"; "auto" as `pick_precision` resolves it) on a GPU, fp32 otherwise."""
+    device = torch.device(device)
+    if precision == "auto":
+        precision = pick_precision(device, "auto")
+    if precision not in ("no", "fp32", *HALF_DTYPES):
+        raise ValueError(f"precision={precision!r}: expected 'auto', 'no', 'fp32', 'fp16' or 'bf16'")
+    return HALF_DTYPES.get(precision, torch.float32) if device.type == "cuda" else torch.float32
+
+
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch (all devices)."""
-    from accelerate.utils import set_seed
-
     set_seed(seed)
 
 
@@ -83,11 +101,6 @@ def _memory_gb() -> float:
 
 def describe(device: torch.device | None = None) -> str:
     """One line: versions, device and memory."""
-    import diffusers
-    import transformers
-
-    from sdnb import __version__
-
     device = device or pick_device()
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)

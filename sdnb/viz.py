@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -10,27 +11,22 @@ import numpy as np
 import torch
 from PIL import Image
 
-
-def to_uint8(image: torch.Tensor | np.ndarray) -> np.ndarray:
-    """A CxHxW tensor in [-1, 1] (or an HxWxC uint8 array) -> HxWx3 uint8."""
-    if isinstance(image, torch.Tensor):
-        image = image.detach().float().cpu().clamp(-1, 1).add(1).mul(127.5).round().byte().permute(1, 2, 0).numpy()
-    return np.asarray(image)
+from sdnb.data.images import load_rgb, to_array
 
 
-def save(fig: plt.Figure, path: str | Path, dpi: int = 100) -> Path:
-    """Save a figure as PNG (parents created) and return the path."""
+def save(fig: plt.Figure, path: str | Path, dpi: int = 100, close: bool = False) -> Path:
+    """Save a figure as PNG (parents created) and return the path; `close` frees it (scripts, loops)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi, bbox_inches="tight")
+    if close:
+        plt.close(fig)
     return path
 
 
 def contact_sheet(paths: Sequence[str | Path], captions: Sequence[str] | None = None, ncols: int = 6,
                   thumb: int = 192, max_images: int = 36) -> plt.Figure:
     """Thumbnails of image files with their names (or captions) under each, aspect ratios kept."""
-    from sdnb.images import load_rgb
-
     paths = list(paths)[:max_images]
     nrows = max(1, -(-len(paths) // ncols))
     fig, axes = plt.subplots(nrows, ncols, figsize=(ncols * 2.4, nrows * 2.8), squeeze=False)
@@ -41,14 +37,13 @@ def contact_sheet(paths: Sequence[str | Path], captions: Sequence[str] | None = 
         image.thumbnail((thumb, thumb))
         ax.imshow(image)
         label = captions[i] if captions is not None else Path(path).name
-        ax.set_title(_wrap(label, 28), fontsize=7)
+        ax.set_title(wrap(label, 28), fontsize=7)
     fig.tight_layout()
     return fig
 
 
-def _wrap(text: str, width: int, lines: int = 3) -> str:
-    import textwrap
-
+def wrap(text: str, width: int, lines: int = 3) -> str:
+    """`text` wrapped to `width` characters, at most `lines` lines (' ...' marks a cut)."""
     out = textwrap.wrap(text, width) or [""]
     return "\n".join(out[:lines]) + (" ..." if len(out) > lines else "")
 
@@ -73,7 +68,7 @@ def reconstruction_grid(originals: torch.Tensor, reconstructions: Mapping[str, t
     n = len(originals)
     fig, axes = plt.subplots(n, len(cols), figsize=(2.2 * len(cols), 2.2 * n), squeeze=False)
     for r in range(n):
-        tiles = [to_uint8(originals[r]), *[to_uint8(reconstructions[k][r]) for k in names]]
+        tiles = [to_array(originals[r]), *[to_array(reconstructions[k][r]) for k in names]]
         for c, tile in enumerate(tiles):
             axes[r, c].imshow(tile)
         for j, k in enumerate(names):
@@ -91,7 +86,7 @@ def side_by_side(images: Mapping[str, Image.Image | np.ndarray], size: float = 4
     """Whole images next to each other with titles (e.g. a full held-out image before vs after)."""
     fig, axes = plt.subplots(1, len(images), figsize=(size * len(images), size), squeeze=False)
     for ax, (title, image) in zip(axes.flat, images.items()):
-        ax.imshow(to_uint8(image) if isinstance(image, torch.Tensor) else image)
+        ax.imshow(to_array(image) if isinstance(image, torch.Tensor) else image)
         ax.set_title(title, fontsize=10)
         ax.axis("off")
     fig.tight_layout()
@@ -105,6 +100,26 @@ def patch_sheet(patches: Sequence[torch.Tensor], ncols: int = 8, size: float = 1
     for ax in axes.flat:
         ax.axis("off")
     for ax, patch in zip(axes.flat, patches):
-        ax.imshow(to_uint8(patch))
+        ax.imshow(to_array(patch))
+    fig.tight_layout()
+    return fig
+
+
+def image_grid(rows: Sequence[Sequence[torch.Tensor]], col_titles: Sequence[str], row_titles: Sequence[str],
+               title: str = "", size: float = 2.0) -> plt.Figure:
+    """A grid of images in [-1, 1] (rows of equal length) with column and row titles."""
+    n_rows, n_cols = len(rows), len(rows[0])
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(size * n_cols, size * n_rows + 0.4), squeeze=False)
+    for r, row in enumerate(rows):
+        for c, image in enumerate(row):
+            ax = axes[r, c]
+            ax.imshow(to_array(image))
+            ax.set_xticks([]), ax.set_yticks([])
+            if r == 0:
+                ax.set_title(col_titles[c], fontsize=8)
+            if c == 0 and row_titles[r]:
+                ax.set_ylabel(row_titles[r], fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return fig

@@ -8,6 +8,6 @@ import pytest
 @pytest.fixture(scope="session")
 def tiny_assets(tmp_path_factory):
     """The tiny offline models and images (sdnb.tiny), built once into a session folder."""
-    from sdnb.tiny import build
+    from sdnb.demo import build
 
     return build(tmp_path_factory.mktemp("tiny"), progress=False)

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from sdnb.config import CaptionConfig, CompareConfig, ConfigError, SDConfig, VAEConfig
+from sdnb.caption import CaptionConfig
+from sdnb.compare import CompareConfig
+from sdnb.config import ConfigError
+from sdnb.sd import SDConfig
+from sdnb.vae import VAEConfig
 
 
 @pytest.mark.parametrize("cls,name,value", [

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from sdnb.config import CaptionConfig, ConfigError
+from sdnb.caption import CaptionConfig
+from sdnb.config import ConfigError
 
 NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "01_captioning.ipynb"
 
@@ -47,7 +48,7 @@ def test_notebook_captions_the_photos(tiny_assets, tmp_path, monkeypatch):
         str(NOTEBOOK), str(tmp_path / "01.ipynb"), progress_bar=False, kernel_name="python3",
         parameters=dict(run_dir=str(run), image_dir=str(photos), captioner_id=str(tiny_assets.blip), device="cpu",
                         mixed_precision="no", num_beams=2, min_length=2, max_length=8, sweep_images=3,
-                        sweep_grid={"repetition_penalty": [1.0, 1.4]}),
+                        sweep_grid={"repetition_penalty": [1.0, 1.4]}, sync_dir=str(tmp_path / "drive")),
     )
 
     assert json.loads((run / "config.json").read_text())["num_beams"] == 2
@@ -63,7 +64,9 @@ def test_notebook_captions_the_photos(tiny_assets, tmp_path, monkeypatch):
     for grid in ("photos.png", "sweep.png", "sweep.html"):
         assert (run / "grids" / grid).stat().st_size > 5_000, grid
     assert (run / "grids" / "sweep.html").read_text(encoding="utf-8").count("<tr>") == 1 + 2  # header + 2 settings
-    last = [c for c in json.loads((tmp_path / "01.ipynb").read_text())["cells"] if c["cell_type"] == "code"][-1]
-    assert "review(" in "".join(last["source"])
-    assert any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in last["outputs"])
+    cells = [c for c in json.loads((tmp_path / "01.ipynb").read_text())["cells"] if c["cell_type"] == "code"]
+    reviewer = next(c for c in cells if "review(" in "".join(c["source"]))
+    assert any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in reviewer["outputs"])
+    mirrored = tmp_path / "drive" / "train" / "metadata.jsonl"  # the captions survive a reset runtime
+    assert mirrored.read_text(encoding="utf-8") == (run / "train" / "metadata.jsonl").read_text(encoding="utf-8")
     assert before == {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in photos.rglob("*") if p.is_file()}

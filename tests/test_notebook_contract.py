@@ -1,4 +1,5 @@
-"""The committed notebooks follow the notebook contract (DESIGN.md)."""
+"""The committed notebooks follow the notebook contract: one parameters cell of commented literals, no outputs,
+no sys.path hacks, a Colab-only install cell."""
 
 from __future__ import annotations
 

@@ -1,0 +1,163 @@
+"""Fine-tuning SD's UNet through the shared loop: the loop's callbacks (stable validation loss with the best
+weights kept, sample grids at checkpoints, the final pipeline) and the run; and what `python -m sdnb.train
+config.json` runs for a 03 config."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import shutil
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from sdnb.data.captions import read_captions
+from sdnb.data.images import split_by_image
+from sdnb.runtime import weights_dtype
+from sdnb.sd.buckets import BucketDataset
+from sdnb.sd.config import SDConfig
+from sdnb.sd.data import ImageLatents, build_datasets
+from sdnb.sd.model import SDParts, StableValidation, load_parts, make_step_fn, trainable_models
+from sdnb.sd.outputs import WeightsMirror, drive_budget, overfit_report, save_unet_fp16, training_summary
+from sdnb.sd.plot import plot_validation
+from sdnb.sd.samples import render_samples, sample_sheet
+from sdnb.stats import write_metrics
+from sdnb.train import Trainer, TrainResult
+from sdnb.train.checkpoint import checkpoint_name, list_checkpoints, step_of
+from sdnb.train.logs import read_log
+from sdnb.viz import save
+
+
+class Callbacks:
+    """`evaluate`, `sample` and `save_final` for Trainer.fit, on the main process with unwrapped (EMA) models."""
+
+    def __init__(self, cfg: SDConfig, parts: SDParts, validation: StableValidation | None, unwrap: Callable,
+                 weights_sync_dir: str = ""):
+        """`weights_sync_dir`: mirror fp16 UNet weights there at every checkpoint (main process only)."""
+        self.cfg, self.parts, self.validation, self.unwrap = cfg, parts, validation, unwrap
+        self.run_dir = Path(cfg.run_dir)
+        self.warned = False
+        self.mirror = WeightsMirror(self.run_dir, weights_sync_dir, keep=cfg.keep_checkpoints) if weights_sync_dir else None
+
+    def _models(self, models: dict[str, nn.Module]) -> tuple[nn.Module, nn.Module | None]:
+        return self.unwrap(models["unet"]), self.unwrap(models["text_encoder"]) if "text_encoder" in models else None
+
+    def evaluate(self, models: dict[str, nn.Module], step: int) -> dict[str, float]:
+        """The stable validation loss; new bests are saved to run_dir/best; warns once when over-fitting starts."""
+        unet, text_encoder = self._models(models)
+        loss = self.validation(unet, text_encoder)
+        best_json = self.run_dir / "best" / "best.json"
+        best = json.loads(best_json.read_text())["val_loss"] if best_json.exists() else math.inf
+        if self.cfg.save_best and loss < best:
+            save_unet_fp16(unet, self.run_dir / "best" / "unet")
+            best_json.write_text(json.dumps({"step": step, "val_loss": loss}))
+        rows = read_log(self.run_dir / "log.csv") + [{"step": step, "val_loss": loss}]
+        report = overfit_report(self.run_dir, self.cfg.overfit_patience, rows)
+        if report.overfitting and not self.warned:
+            print(f"\n{report}", flush=True)
+            self.warned = True
+        return {"loss": loss}
+
+    def sample(self, models: dict[str, nn.Module], step: int, path: Path) -> None:
+        """Sample grid at this step (samples/step-N.png); with weights-only sync, the fp16 UNet to weights/step-N."""
+        unet, text_encoder = self._models(models)
+        self._render(unet, text_encoder, step)
+        if self.mirror:
+            save_unet_fp16(unet, self.run_dir / "weights" / checkpoint_name(step) / "unet")
+            for old in sorted((self.run_dir / "weights").glob("step-*"), key=step_of)[:-self.cfg.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+            self.mirror.request("weights", "log")
+
+    def _render(self, unet: nn.Module, text_encoder: nn.Module | None, step: int) -> None:
+        cfg = self.cfg
+        if not cfg.sample_prompts:
+            return
+        render_samples(self.parts.pipeline(unet, text_encoder), cfg.sample_prompts, cfg.sample_cfg_scales,
+                       self.run_dir / "samples" / checkpoint_name(step), cfg.seed, cfg.sample_steps, cfg.resolution,
+                       cfg.negative_prompt, title=f"step {step}")
+
+    def base_samples(self, autocast: Any = None) -> None:
+        """Samples of the base model (step 0), once per run folder, leaving every RNG as it was; `autocast`: the
+        accelerator's mixed-precision context (frozen models may be in half precision)."""
+        if (self.run_dir / "samples" / checkpoint_name(0)).is_dir() or list_checkpoints(self.run_dir):
+            return
+        device = self.parts.unet.device
+        with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []), torch.no_grad(), \
+                autocast or contextlib.nullcontext():
+            training = self.parts.unet.training
+            self.parts.unet.eval()
+            self._render(self.parts.unet, None, 0)
+            self.parts.unet.train(training)
+
+    def save_final(self, models: dict[str, nn.Module], path: Path) -> None:
+        """The whole pipeline (fine-tuned UNet, the text encoder and VAE used) in fp32 safetensors."""
+        unet, text_encoder = self._models(models)
+        te = text_encoder or self.parts.text_encoder
+        dtypes = {m: m.dtype for m in (self.parts.vae, te) if m.dtype != torch.float32}  # half on a GPU
+        for m in dtypes:
+            m.to(torch.float32)
+        try:
+            self.parts.pipeline(unet, te).save_pretrained(path, safe_serialization=True)
+        finally:
+            for m, dtype in dtypes.items():
+                m.to(dtype)
+
+    def close(self) -> None:
+        """Mirror the final pipeline and the log (weights-only sync), waiting for the copies."""
+        if self.mirror:
+            if (self.run_dir / "final").is_dir():
+                self.mirror.request("final", "log")
+            self.mirror.close()
+
+
+def finetune(cfg: SDConfig, parts: SDParts, train_ds: BucketDataset, batches: Callable[[int], list[list[int]]],
+             val_ds: BucketDataset) -> TrainResult:
+    """Fine-tune `parts` on the datasets `build_datasets` made, through the shared loop; returns its `TrainResult`.
+
+    Validation loss every `validate_every` steps (logged as val_loss; the best weights kept in run_dir/best),
+    sample grids at every checkpoint (run_dir/samples), the pipeline in run_dir/final.
+    """
+    sync_what = cfg.sync_what if cfg.sync_dir else "full"
+    if sync_what == "auto":
+        sync_what = drive_budget(cfg, parts).sync_what
+    # with weights-only sync the loop mirrors nothing; the callbacks mirror fp16 UNet weights
+    trainer = Trainer(replace(cfg, sync_dir="") if sync_what == "weights" else cfg, config=cfg.to_dict())
+    device = trainer.device
+    models = trainable_models(parts, cfg.train_text_encoder, cfg.gradient_checkpointing)
+    parts.to(device, weights_dtype(trainer.accelerator.mixed_precision, device))
+    if cfg.cache_latents:
+        train_ds = ImageLatents(train_ds, parts, device, embeddings=not cfg.train_text_encoder)
+    callbacks = Callbacks(cfg, parts, StableValidation(parts, val_ds, cfg.seed) if len(val_ds) else None,
+                          trainer.accelerator.unwrap_model,
+                          weights_sync_dir=cfg.sync_dir if sync_what == "weights" and trainer.is_main else "")
+    if trainer.is_main:
+        callbacks.base_samples(trainer.accelerator.autocast())
+    try:
+        return trainer.fit(models, make_step_fn(parts, cfg.snr_gamma, cfg.noise_offset), train_ds,
+                           batch_sampler_fn=batches, lrs={"text_encoder": cfg.text_encoder_lr},
+                           evaluate=callbacks.evaluate if len(val_ds) else None, sample=callbacks.sample,
+                           save_final=callbacks.save_final)
+    finally:
+        callbacks.close()
+
+
+def train_from_config(config: dict) -> TrainResult:
+    """`python -m sdnb.train run_dir/config.json` for stage 'sd': what 03_sd_finetune does, without display."""
+    cfg = SDConfig.from_dict(config)
+    train, val = split_by_image(read_captions(cfg.data_dir, progress=False), cfg.val_fraction, cfg.seed)
+    print(f"{len(train)} training images, {len(val)} validation images", flush=True)
+    parts = load_parts(cfg.model_id, cfg.vae_path)
+    print(drive_budget(cfg, parts), flush=True)
+    result = finetune(cfg, parts, *build_datasets(cfg, train, val))
+    save(plot_validation(cfg.path, patience=cfg.overfit_patience), cfg.path / "grids" / "loss.png", close=True)
+    sheet = sample_sheet(cfg.path / "samples")
+    if sheet is not None:
+        sheet.save(cfg.path / "grids" / "samples_by_checkpoint.png")
+    write_metrics(cfg.path / "metrics.json", training=training_summary(cfg.path, cfg.overfit_patience))
+    print(overfit_report(cfg.path, cfg.overfit_patience), flush=True)
+    return result

@@ -1,0 +1,157 @@
+"""The loop's parts that know nothing of its order: the accelerator, the optimizer, EMA weights swapped in for
+evaluation, the default way to save final weights, what `fit` returns, and the messages of its guards."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from accelerate.utils import set_seed
+from diffusers.training_utils import EMAModel
+from safetensors.torch import save_model
+from torch import nn
+
+from sdnb.runtime import pick_device, pick_precision
+from sdnb.train.batches import rng_untouched
+from sdnb.train.config import TrainConfig
+from sdnb.train.logs import prepare_tracker
+
+
+@dataclass
+class TrainResult:
+    """What `fit` returns: the final step, the last logged losses, where the weights are, the log rows."""
+
+    step: int
+    losses: dict[str, float]
+    final_dir: Path | None
+    checkpoint: Path | None
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised after `nan_patience` optimizer steps in a row had a non-finite loss."""
+
+
+def make_accelerator(s: TrainConfig) -> Accelerator:
+    """The run's Accelerator (device, mixed precision, tracker), every process seeded by (seed, rank)."""
+    if AcceleratorState._shared_state and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        AcceleratorState._reset_state()  # a notebook may train again with another precision
+    device = pick_device(s.device)  # cpu=True is also what lets accelerate run several CPU processes
+    accelerator = Accelerator(gradient_accumulation_steps=s.grad_accum, cpu=device.type == "cpu",
+                              mixed_precision=pick_precision(device, s.mixed_precision),
+                              log_with=prepare_tracker(s.log_with), project_dir=s.run_dir)
+    set_seed(s.seed, device_specific=True)
+    return accelerator
+
+
+def resolve_optimizer(optimizer: str, device: torch.device) -> str:
+    """'auto' = bitsandbytes' 8-bit AdamW on a CUDA GPU when it is installed, else AdamW."""
+    if optimizer != "auto":
+        return optimizer
+    if device.type != "cuda":
+        return "adamw"
+    try:
+        import bitsandbytes  # noqa: F401 - optional, CUDA only
+    except ImportError:
+        return "adamw"
+    return "adamw8bit"
+
+
+def make_optimizer(s: TrainConfig, groups: list[dict], device: torch.device) -> torch.optim.Optimizer:
+    """AdamW, RAdam (torch.optim) or bitsandbytes' 8-bit AdamW ('auto': see `resolve_optimizer`), over param groups."""
+    kwargs = dict(lr=s.lr, betas=tuple(s.adam_betas), weight_decay=s.weight_decay)
+    name = resolve_optimizer(s.optimizer, device)
+    if name == "adamw8bit":
+        try:
+            import bitsandbytes  # optional: only this optimizer needs it
+        except ImportError as err:
+            raise ImportError("optimizer='adamw8bit' needs bitsandbytes (pip install bitsandbytes); "
+                              "or set optimizer='adamw'") from err
+        return bitsandbytes.optim.AdamW8bit(groups, **kwargs)
+    return {"adamw": torch.optim.AdamW, "radam": torch.optim.RAdam}[name](groups, **kwargs)
+
+
+def param_groups(models: Mapping[str, nn.Module], lrs: Mapping[str, float], lr: float) -> list[dict]:
+    """One optimizer param group per model (its trainable parameters, its lr); a model with none is an error."""
+    groups = []
+    for name, model in models.items():
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError(f"model {name!r} has no parameter with requires_grad=True: nothing to train")
+        groups.append({"params": params, "lr": lrs.get(name, lr)})
+    return groups
+
+
+def make_emas(models: Mapping[str, nn.Module], decay: float, device: torch.device) -> dict[str, EMAModel]:
+    """diffusers' `EMAModel` of each model's trainable parameters, on the training device."""
+    emas = {}
+    for name, model in models.items():
+        emas[name] = EMAModel([p for p in model.parameters() if p.requires_grad], decay=decay)
+        emas[name].to(device)
+    return emas
+
+
+@contextmanager
+def ema_weights(emas: Mapping[str, EMAModel], params: Mapping[str, list[torch.Tensor]]):
+    """Swap the EMA weights into the models for the duration (no-op without EMA)."""
+    for name, ema in emas.items():
+        ema.store(params[name])
+        ema.copy_to(params[name])
+    try:
+        yield
+    finally:
+        for name, ema in emas.items():
+            ema.restore(params[name])
+
+
+@contextmanager
+def evaluation_mode(models: Mapping[str, nn.Module], emas: Mapping[str, EMAModel],
+                    ema_params: Mapping[str, list[torch.Tensor]], device: torch.device, autocast: Any):
+    """Evaluation or sampling inside training: EMA weights swapped in, eval mode, no gradients, the run's autocast,
+    and the training RNG streams left as they were (so a resume reproduces); training mode restored after."""
+    modes = {name: m.training for name, m in models.items()}
+    with rng_untouched(device), torch.no_grad(), autocast, ema_weights(emas, ema_params):
+        for m in models.values():
+            m.eval()
+        try:
+            yield
+        finally:
+            for name, m in models.items():
+                m.train(modes[name])
+
+
+def save_pretrained_all(models: Mapping[str, nn.Module], path: Path) -> None:
+    """Default `save_final`: `save_pretrained` of each model into path/<name> (safetensors otherwise)."""
+    for name, model in models.items():
+        if hasattr(model, "save_pretrained"):
+            model.save_pretrained(path / name)
+        else:
+            (path / name).mkdir(parents=True, exist_ok=True)
+            save_model(model, str(path / name / "model.safetensors"))
+
+
+def nonfinite_message(step: int, streak: int, patience: int, lr: float, where: Any) -> str:
+    """Why training stopped after `patience` non-finite losses in a row, and what to do."""
+    return (f"training stopped at step {step}: the loss was not finite (NaN or inf) for {streak} steps in a row "
+            f"(nan_patience={patience}). Usual causes: the SD VAE overflows in fp16 (use mixed_precision='bf16' or "
+            f"'no'); a learning rate too high (lr={lr:g}); broken input data. Those steps were skipped; the last good "
+            f"checkpoint is kept: {where or 'none saved yet'}")
+
+
+def check_grads_synced(accelerator: Accelerator, params: list[torch.Tensor]) -> bool:
+    """True when every process holds the same gradients after backward; raises, saying what the step function does
+    wrong, when they differ (a model called through a method such as vae.encode() escapes DDP's gradient sync)."""
+    total = sum(p.grad.double().sum() for p in params if p.grad is not None)
+    every = accelerator.gather(torch.as_tensor(total, device=accelerator.device).reshape(1)).tolist()
+    if max(every) - min(every) > 1e-6 * max(1.0, *map(abs, every)):
+        raise RuntimeError("the gradients differ between processes after backward: step_fn must call the models it "
+                           "is given through forward (models[name](...)); DistributedDataParallel synchronises "
+                           "gradients only there, so calls like vae.encode() bypass it")
+    return True

@@ -1,0 +1,67 @@
+"""Fine-tuning SD's VAE through the shared loop: the step, the held-out evaluation during training, the final
+weights; and what `python -m sdnb.train config.json` runs for a 02 config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL
+from torch import nn
+
+from sdnb import metrics
+from sdnb.metrics import LPIPS
+from sdnb.models import load_vae
+from sdnb.train import Trainer, TrainResult
+from sdnb.vae.config import VAEConfig
+from sdnb.vae.data import DecodedImages, PatchDataset, PatchLatents, prepare_data
+from sdnb.vae.model import VAEWithPosterior, prepare_for_training, reconstruct, vae_loss
+
+
+@torch.no_grad()
+def held_out_metrics(vae: AutoencoderKL, patches: torch.Tensor, lpips: nn.Module, batch_size: int = 8) -> dict[str, float]:
+    """Held-out reconstruction quality during training: mean PSNR (dB), SSIM and LPIPS over fixed patches
+    (posterior mode)."""
+    was_training = vae.training
+    vae.eval()
+    recon = reconstruct(vae, patches, batch_size)
+    vae.train(was_training)
+    return {k: sum(v) / len(v) for k, v in metrics.per_image_metrics(recon, patches, lpips, batch_size).items()}
+
+
+def finetune(cfg: VAEConfig, train_images: DecodedImages, val_patches: torch.Tensor) -> TrainResult:
+    """Fine-tune the VAE of `cfg.model_id` on random patches of `train_images` through the shared loop.
+
+    `val_patches` are fixed held-out patches evaluated at `validate_every` and at the end (logged as val_psnr,
+    val_ssim, val_lpips). Returns the loop's `TrainResult`; the fine-tuned VAE is saved with `save_pretrained` in
+    `run_dir/final`.
+    """
+    trainer = Trainer(cfg, config=cfg.to_dict())
+    vae = prepare_for_training(load_vae(cfg.model_id, cfg.model_subfolder), cfg.trainable, cfg.gradient_checkpointing)
+    lpips = LPIPS(cfg.lpips_net).to(trainer.device)
+    patches = PatchDataset(train_images, cfg.patch_size, cfg.patches_per_epoch, seed=cfg.seed,
+                           hflip=cfg.hflip, vflip=cfg.vflip, rot90=cfg.rot90)
+    if cfg.cache_latents:
+        patches = PatchLatents(patches, vae, trainer.device)
+    weights = dict(mse_weight=cfg.mse_weight, l1_weight=cfg.l1_weight, lpips_weight=cfg.lpips_weight,
+                   kl_weight=cfg.kl_weight)
+    unwrap = trainer.accelerator.unwrap_model
+
+    def step_fn(models: dict[str, nn.Module], batch: Any) -> dict[str, torch.Tensor]:
+        return vae_loss(models["vae"], batch, lpips, **weights)
+
+    def evaluate_fn(models: dict[str, nn.Module], step: int) -> dict[str, float]:
+        return held_out_metrics(unwrap(models["vae"]).vae, val_patches, lpips, cfg.batch_size)
+
+    def save_final(models: dict[str, nn.Module], path: Path) -> None:
+        unwrap(models["vae"]).vae.save_pretrained(path)
+
+    return trainer.fit({"vae": VAEWithPosterior(vae)}, step_fn, patches, evaluate=evaluate_fn, save_final=save_final)
+
+
+def train_from_config(config: dict) -> TrainResult:
+    """What `python -m sdnb.train run_dir/config.json` runs for a 02_vae_finetune config."""
+    cfg = VAEConfig.from_dict(config)
+    data = prepare_data(cfg)
+    return finetune(cfg, data.train_images, data.val_patches)
