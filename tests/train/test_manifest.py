@@ -30,20 +30,20 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def copy(checkpoint: Path, tmp_path: Path) -> Path:
     """A fresh copy of the checkpoint, without a manifest (as written before manifests existed)."""
-    return Path(shutil.copytree(checkpoint, tmp_path / "step-000005"))
+    copy = Path(shutil.copytree(checkpoint, tmp_path / "step-000005"))
+    (copy / MANIFEST).unlink()
+    return copy
 
 
-def test_an_intact_checkpoint_and_its_mirrored_copy_verify(copy: Path, tmp_path: Path) -> None:
-    (copy / MARKER).unlink()  # the writer's order: manifest, then the marker
-    write_manifest(copy)
-    (copy / MARKER).write_text("id\n")
-    files = json.loads((copy / MANIFEST).read_text())["files"]
+def test_the_trainer_writes_a_manifest_that_verifies_here_and_in_a_mirrored_copy(checkpoint: Path,
+                                                                                  tmp_path: Path) -> None:
+    files = json.loads((checkpoint / MANIFEST).read_text())["files"]  # save_checkpoint: state, manifest, marker
     assert set(files) == {"model.safetensors", "optimizer.bin", "random_states_0.pkl", "custom_checkpoint_0.pkl",
                           "sdnb_state.json"}
-    assert all(f["size"] == (copy / name).stat().st_size and len(f["sha256"]) == 64 for name, f in files.items())
-    assert verify_manifest(copy) == []
-    copy_tree_atomic(copy, tmp_path / "drive" / copy.name)  # the Mirror's copy (marker last)
-    assert verify_manifest(tmp_path / "drive" / copy.name) == []
+    assert all(f["size"] == (checkpoint / name).stat().st_size and len(f["sha256"]) == 64 for name, f in files.items())
+    assert verify_manifest(checkpoint) == []
+    copy_tree_atomic(checkpoint, tmp_path / "drive" / checkpoint.name)  # the Mirror's copy (marker last)
+    assert verify_manifest(tmp_path / "drive" / checkpoint.name) == []
 
 
 def test_a_truncated_empty_missing_or_changed_file_is_named(copy: Path) -> None:
