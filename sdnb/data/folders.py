@@ -102,3 +102,9 @@ def check_sync_dir(sync_dir: str | Path) -> Path:
 def check_run_dir(run_dir: str | Path) -> Path:
     """Create run_dir with its parents (refused on an unmounted Google Drive) and return it."""
     return prepare_folder(run_dir, "run_dir", parents=True)
+
+
+def overlap(a: str | Path, b: str | Path) -> bool:
+    """Whether two folders are the same, or one lies inside the other (symbolic links resolved)."""
+    a, b = Path(os.path.realpath(a)), Path(os.path.realpath(b))
+    return a == b or a in b.parents or b in a.parents

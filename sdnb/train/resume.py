@@ -24,11 +24,11 @@ from typing import Any
 from sdnb.data.files import copy_file_atomic, copy_tree_atomic
 from sdnb.train.checkpoint import checkpoint_folders, checkpoint_name, checkpoint_problems, has_run, marker_id, \
     read_state, set_aside, set_aside_newer, step_of
+from sdnb.train.config import PENDING
 from sdnb.train.lock import RunLock
 from sdnb.train.resume_check import ConfigChanges, compare_configs
 
 HISTORY = "history.log"
-PENDING = "config.pending.json"
 
 
 class ResumeError(RuntimeError):
