@@ -94,9 +94,10 @@ def choose_checkpoint(resume: str, run_dir: Path, sync_dir: str) -> tuple[Path |
         found = earlier_run(run_dir, sync_dir)
         if found:
             damaged = "".join(f"\n  {line}" for line in skipped) or " (no checkpoint folder: were checkpoints off?)"
-            raise ResumeError(f"resume='latest': {where} hold an earlier run ({', '.join(p.name for p in found[:4])}) "
-                              f"but no checkpoint that can be resumed:{damaged}\nNothing was changed. Restore a "
-                              "checkpoint, or start over in a new run_dir (resume='')")
+            raise ResumeError(f"resume='latest': {where} {'hold' if sync_dir else 'holds'} an earlier run "
+                              f"({', '.join(p.name for p in found[:4])}) but no checkpoint that can be resumed:"
+                              f"{damaged}\nNothing was changed. Restore a checkpoint, or start over in a new run_dir "
+                              "(resume='')")
         print(f"resume='latest': no earlier run in {where}: starting a fresh run", flush=True)
     return path, skipped
 

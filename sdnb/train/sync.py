@@ -41,6 +41,7 @@ class Mirror:
         self.mirrored = max((step_of(p) for p in list_checkpoints(self.sync_dir)), default=-1)
         self._behind_told = 1
         self.lost = False  # another process took sync_dir's lock: nothing more is copied
+        self.failing = False  # the last copy of checkpoints failed
         self.lock = threading.Lock()  # held while choosing local checkpoints to copy, and while pruning them
         self.errors: list[str] = []
         self._busy: set[Path] = set()
@@ -61,6 +62,8 @@ class Mirror:
     def checkpoint_saved(self, step: int) -> None:
         """The run saved the checkpoint of `step`: mirror it soon."""
         self.saved.append(step)
+        if self.failing:
+            self._tell_if_behind()
         self.request("checkpoints", "log")
 
     def busy(self) -> set[Path]:
@@ -108,6 +111,7 @@ class Mirror:
                 self.run_lock.check()  # LockLost: another process writes there now
             check_sync_dir(self.sync_dir)  # never a "mirror" on the local disk of an unmounted Drive
             getattr(self, f"_sync_{item}")()
+            self.failing = self.failing and item != "checkpoints"
             return True
         except LockLost as err:  # never write over the other process's copies: stop mirroring
             self._report(item, err, retry=False)
@@ -116,6 +120,7 @@ class Mirror:
         except Exception as err:  # never let the thread die: report and retry later
             self._report(item, err)
             if item == "checkpoints":
+                self.failing = True
                 self._tell_if_behind()
             return False
         finally:
