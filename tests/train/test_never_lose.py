@@ -16,9 +16,11 @@ import torch
 
 from sdnb.data import disk
 from sdnb.data.disk import NotEnoughSpace, folder_size
+from sdnb.train import read_log
 from sdnb.train.checkpoint import list_checkpoints, read_state
 from sdnb.train.lock import LOCK_NAME, LockLost, RunLockError
 from sdnb.train.resume import ResumeError
+from sdnb.train.resume_check import ConfigChangeError
 from tests.train.harness import logged, max_abs_diff, step_fn, train
 from tests.train.test_lock import FORK, child
 
@@ -224,3 +226,40 @@ def test_a_full_drive_keeps_its_last_copy_and_says_when_it_falls_behind(tmp_path
     assert any(m.startswith(f"sync_dir {drive} has fallen behind by 2 checkpoints: its newest is step-000005, run_dir "
                             "has step-000010, step-000015") for m in messages)
     assert "not enough space in" in (run / "sync_errors.log").read_text()
+
+
+def test_02_on_the_embedded_default_keeps_the_first_stages_config_until_a_resume_is_accepted(tiny_assets, tmp_path,
+                                                                                             capsys) -> None:
+    """The config cell, then finetune: a recipe change is refused and leaves config.json as it was; a second stage
+    with a new budget and lr is accepted, recorded in history.log, and only then written to config.json."""
+    from sdnb.vae import VAEConfig, finetune, prepare_data
+
+    def config(**kw) -> VAEConfig:
+        return VAEConfig(**{**dict(run_dir=str(tmp_path), image_dir=str(tiny_assets.fundus_train),
+                                   val_image_dir=str(tiny_assets.fundus_val), model_id=str(tiny_assets.sd),
+                                   patch_size=32, patches_per_epoch=16, n_val_patches=4, batch_size=2, max_steps=4,
+                                   checkpoint_every=2, checkpoint_minutes=0, log_every=1, validate_every=0,
+                                   device="cpu", mixed_precision="no", lr=1e-3), **kw})
+
+    first = config()
+    first.save()
+    data = prepare_data(first)
+    finetune(first, data.train_images, data.val_patches)
+    saved = (tmp_path / "config.json").read_text()
+    recipe = config(recipe="ft-mse", lr=1e-3, batch_size=2, resume="latest")
+    assert recipe.save() == tmp_path / "config.pending.json"
+    with pytest.raises(ConfigChangeError) as err:
+        finetune(recipe, data.train_images, data.val_patches)
+    assert f"  recipe: 'sdnb' in {tmp_path}/checkpoints/step-000004, now 'ft-mse'\n" in str(err.value)
+    assert f"  trainable: 'all' in {tmp_path}/checkpoints/step-000004, now 'decoder'\n" in str(err.value)
+    assert (tmp_path / "config.json").read_text() == saved and len(logged_rows(tmp_path)) == 4
+    second = config(max_steps=6, lr=5e-4, resume="latest")
+    second.save()
+    result = finetune(second, data.train_images, data.val_patches)
+    assert result.step == 6 and json.loads((tmp_path / "config.json").read_text())["lr"] == 5e-4
+    assert not (tmp_path / "config.pending.json").exists()
+    assert "changed for this stage: lr 0.001 -> 0.0005, max_steps 4 -> 6" in (tmp_path / "history.log").read_text()
+
+
+def logged_rows(run_dir: Path) -> list[dict]:
+    return [r for r in read_log(run_dir / "log.csv") if "loss" in r]
