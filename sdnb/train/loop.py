@@ -295,7 +295,6 @@ class Trainer:
             row["sync_errors"] = len(self.mirror.errors)
         self.log.append(row)
         bar.set_postfix(loss=f"{row.get('loss', float('nan')):.4g}", img_s=f"{row['images_per_s']:.3g}")
-        warning = self.log.explosion(lr) if self.is_main else ""
-        if warning:
-            record(self.run_dir, warning)
+        if self.is_main and self.log.explosion(lr):  # once per run: the loss diverged, lr is too high
+            record(self.run_dir, self.log.exploded)
         self.window.reset()
