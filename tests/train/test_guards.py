@@ -171,3 +171,24 @@ def test_pruning_never_deletes_the_newest_checkpoint_that_verifies(tmp_path: Pat
     prune(tmp_path, keep=2)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000005", "step-000010", "step-000015"]
     assert f"keeping {tmp_path}/checkpoints/step-000005: the newer checkpoints in" in capsys.readouterr().out
+
+
+def test_the_02_config_cell_refuses_an_epoch_without_a_batch_and_held_out_images_among_the_training_ones(
+        tmp_path: Path) -> None:
+    from sdnb.vae import VAEConfig
+
+    with pytest.raises(ConfigError) as err:
+        VAEConfig(patches_per_epoch=4, batch_size=8)
+    assert str(err.value) == ("patches_per_epoch=4 is not accepted with batch_size=8: an epoch would hold no full "
+                              "batch; set patches_per_epoch >= batch_size")
+    train_dir = tmp_path / "fundus" / "train"
+    (train_dir / "val").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(train_dir)
+    for val in (train_dir, train_dir / "val", tmp_path / "fundus", tmp_path / "link"):
+        with pytest.raises(ConfigError) as err:
+            VAEConfig(image_dir=str(train_dir), val_image_dir=str(val))
+        assert str(err.value) == (f"val_image_dir={str(val)!r} is not accepted: it is, contains or lies inside "
+                                  f"image_dir={str(train_dir)!r}, so the held-out metrics would be measured on training "
+                                  "images; choose a separate folder, or val_image_dir='' to hold out val_fraction of "
+                                  "image_dir by image")
+    assert VAEConfig(image_dir=str(train_dir), val_image_dir=str(tmp_path / "fundus" / "test")).val_image_dir
