@@ -118,3 +118,23 @@ def test_02_stopped_and_resumed_from_the_drive_mirror_equals_an_uninterrupted_ru
         return [(r["step"], r["loss"]) for r in csv.DictReader(open(tmp_path / run / "log.csv")) if r.get("loss")]
 
     assert len(losses("straight")) == 20 and losses("straight") == losses("resumed")
+
+
+def test_02_and_04_write_the_same_vae_metrics_schema(vae_run, tiny_assets, tmp_path):
+    """04 on 02's run folder (VAE part only): the "vae" section of both metrics.json has the same keys, all the way
+    down, because both notebooks call the same comparison verb."""
+    out, params = vae_run
+    run_notebook("04_compare", tmp_path, dict(
+        run_dir=str(tmp_path / "04"), device="cpu", mixed_precision="no", base_vae=str(tiny_assets.sd),
+        finetuned_vae=str(out / "02_vae_finetune"), image_dir=str(tiny_assets.fundus_val), patch_size=32, n_patches=16,
+        n_full_images=0, finetuned_model="", fid_features="fid-helper", n_bootstrap=50))
+
+    def keys(node, depth=0):
+        if not isinstance(node, dict) or depth > 3:
+            return None
+        return {k: keys(v, depth + 1) for k, v in node.items() if k != "per_image"}
+
+    vae02 = json.loads((out / "02_vae_finetune" / "metrics.json").read_text())["vae"]
+    vae04 = json.loads((tmp_path / "04" / "metrics.json").read_text())["vae"]
+    assert keys(vae02) == keys(vae04)
+    assert vae02["models"]["finetuned"]["psnr"]["n"] == vae04["models"]["finetuned"]["psnr"]["n"] == 16
