@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sdnb.config import BaseConfig, ConfigError, param
+from sdnb.data.folders import overlap
 
 MAX_LR = 1e-2
 PENDING = "config.pending.json"  # written while config.json holds an earlier run's config (sdnb.train.resume)
@@ -55,6 +56,10 @@ class TrainConfig(BaseConfig):
             raise ConfigError(f"adam_betas={self.adam_betas!r} is not accepted: expected two numbers in [0, 1)")
         if self.max_steps == 0 and self.max_epochs == 0:
             raise ConfigError("max_steps=0 and max_epochs=0: set at least one training budget")
+        if self.sync_dir and overlap(self.run_dir, self.sync_dir):
+            raise ConfigError(f"sync_dir={self.sync_dir!r} is not accepted: it is, contains or lies inside run_dir="
+                              f"{self.run_dir!r}; the mirror must be another folder (on Colab, one under "
+                              "/content/drive/MyDrive)")
         if self.resume not in ("", "latest") and not Path(self.resume).is_dir():
             raise ConfigError(f"resume={self.resume!r} is not accepted: expected '' (a new run), 'latest' (the newest "
                               f"checkpoint in run_dir or sync_dir) or a checkpoint folder such as "

@@ -62,14 +62,18 @@ def after_save(run_dir: Path, step: int, keep: int, mirror: Any) -> None:
 
 def write_final(run_dir: str | Path, write: Callable[[Path], None], size: int = 0) -> Path:
     """Write run_dir/final through `write(tmp_folder)` if `size` bytes fit (else NotEnoughSpace); an older final/ is
-    replaced only once the new one is complete."""
+    replaced only once the new one is complete, and a write that fails leaves no partial folder."""
     run_dir = Path(run_dir)
-    ensure_space(run_dir, int(MARGIN * size), "the final weights")
     final, tmp, old = run_dir / "final", run_dir / ".tmp-final", run_dir / ".old-final"
     for path in (tmp, old):
         shutil.rmtree(path, ignore_errors=True)
+    ensure_space(run_dir, int(MARGIN * size), "the final weights")
     tmp.mkdir()
-    write(tmp)
+    try:
+        write(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # the checkpoints hold the same weights: resume='latest' writes it
+        raise
     if final.exists():
         os.rename(final, old)
     os.rename(tmp, final)

@@ -151,6 +151,9 @@ def test_the_config_cell_refuses_a_misspelt_resume_and_keeps_an_earlier_runs_con
     assert str(err.value) == (
         "resume='lastest' is not accepted: expected '' (a new run), 'latest' (the newest checkpoint in run_dir or "
         f"sync_dir) or a checkpoint folder such as {tmp_path}/checkpoints/step-000500; no folder 'lastest' exists")
+    with pytest.raises(ConfigError, match=f"^sync_dir='{tmp_path}/drive' is not accepted: it is, contains or lies "
+                                          f"inside run_dir='{tmp_path}'; the mirror must be another folder"):
+        TrainConfig(run_dir=str(tmp_path), sync_dir=str(tmp_path / "drive"))
     first = TrainConfig(run_dir=str(tmp_path), max_steps=10)
     assert first.save() == tmp_path / "config.json"
     second = TrainConfig(run_dir=str(tmp_path), max_steps=20, resume="latest")
