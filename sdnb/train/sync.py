@@ -111,7 +111,8 @@ class Mirror:
                 self.run_lock.check()  # LockLost: another process writes there now
             check_sync_dir(self.sync_dir)  # never a "mirror" on the local disk of an unmounted Drive
             getattr(self, f"_sync_{item}")()
-            self.failing = self.failing and item != "checkpoints"
+            if item == "checkpoints":
+                self.failing, self._behind_told = False, 1
             return True
         except LockLost as err:  # never write over the other process's copies: stop mirroring
             self._report(item, err, retry=False)
@@ -159,8 +160,8 @@ class Mirror:
             self._behind_told = len(missing)
             newest = checkpoint_name(self.mirrored) if self.mirrored >= 0 else "none"
             warnings.warn(f"sync_dir {self.sync_dir} has fallen behind by {len(missing)} checkpoints: its newest is "
-                          f"{newest}, run_dir has {', '.join(map(checkpoint_name, missing))} ({self.errors[-1]}). "
-                          f"Training goes on; the checkpoints in {self.run_dir} are complete", RuntimeWarning,
+                          f"{newest}, not copied: {', '.join(map(checkpoint_name, missing))} ({self.errors[-1]}). "
+                          f"Training goes on; the newest checkpoints in {self.run_dir} are complete", RuntimeWarning,
                           stacklevel=2)
 
     def _report(self, item: str, err: Exception, retry: bool = True) -> None:
