@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sdnb.data.files import MARKER, copy_tree_atomic
+from sdnb.data.files import copy_tree_atomic
 from sdnb.train import manifest
 from sdnb.train.manifest import MANIFEST, verify_manifest, write_manifest
 from tests.train.harness import train
