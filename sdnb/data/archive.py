@@ -20,9 +20,12 @@ import tarfile
 import zipfile
 from pathlib import Path
 
-__all__ = ["UnsafeArchiveError", "extract", "MARKER"]
+from sdnb.data.disk import ensure_space, folder_size, format_gb
+
+__all__ = ["MARKER", "UnsafeArchiveError", "extract"]
 
 MARKER = ".sdnb-extracted.json"
+MAX_RATIO, MIN_LIMIT = 100, 10 ** 9
 
 
 class UnsafeArchiveError(ValueError):
@@ -56,9 +59,19 @@ def _check_link(archive: Path, name: str, target: str, hard: bool) -> None:
         raise UnsafeArchiveError(f"{archive.name}: link {name!r} -> {target!r} points outside the destination; refusing")
 
 
-def _extract_zip(archive: Path, tmp: Path) -> None:
+def _check_size(archive: Path, dest: Path, total: int, limit: int) -> None:
+    """Refuse an archive whose members add up to more than `limit` bytes, or than the free space at `dest`."""
+    if total > limit:
+        raise UnsafeArchiveError(f"{archive.name}: its files would take {format_gb(total)} once extracted, over the "
+                                 f"limit of {format_gb(limit)} (max_bytes; by default {MAX_RATIO}x the archive's size): "
+                                 "a zip bomb? Refusing to extract; pass a larger max_bytes if this size is expected")
+    ensure_space(dest, total, f"extracting {archive.name}")
+
+
+def _extract_zip(archive: Path, tmp: Path, limit: int) -> None:
     with zipfile.ZipFile(archive) as zf:
         infos = zf.infolist()
+        _check_size(archive, tmp, sum(info.file_size for info in infos), limit)
         for info in infos:
             _check_name(archive, info.filename)
             if stat.S_ISLNK(info.external_attr >> 16):  # zipfile writes links as plain files; still refuse escapes
@@ -67,9 +80,10 @@ def _extract_zip(archive: Path, tmp: Path) -> None:
             zf.extract(info, tmp)
 
 
-def _extract_tar(archive: Path, tmp: Path) -> None:
+def _extract_tar(archive: Path, tmp: Path, limit: int) -> None:
     with tarfile.open(archive) as tf:
         members = tf.getmembers()
+        _check_size(archive, tmp, sum(m.size for m in members if m.isfile()), limit)
         for m in members:
             _check_name(archive, m.name)
             if m.issym() or m.islnk():
@@ -103,7 +117,7 @@ def _rar_names(exe: str, tool: str, archive: Path) -> list[str]:
     return [line for line in out.splitlines() if line]
 
 
-def _extract_rar(archive: Path, tmp: Path) -> None:
+def _extract_rar(archive: Path, tmp: Path, limit: int) -> None:
     """RAR needs an external tool; names are checked first and links after extraction."""
     exe, tool, *args = _rar_tool()
     for name in _rar_names(exe, tool, archive):
@@ -115,6 +129,7 @@ def _extract_rar(archive: Path, tmp: Path) -> None:
     else:
         cmd = [exe, *args, str(archive.resolve()), "-C", str(tmp)]
     subprocess.run(cmd, check=True)
+    _check_size(archive, tmp, folder_size(tmp), limit)
     root = tmp.resolve()
     for p in tmp.rglob("*"):
         if p.is_symlink() and not p.resolve().is_relative_to(root):
@@ -137,14 +152,16 @@ def _files(dest: Path) -> list[Path]:
     return sorted(p for p in dest.rglob("*") if (p.is_file() or p.is_symlink()) and p.name != MARKER)
 
 
-def extract(archive: str | Path, dest: str | Path) -> list[Path]:
+def extract(archive: str | Path, dest: str | Path, max_bytes: int | None = None) -> list[Path]:
     """Extract ``archive`` into the folder ``dest`` safely; return the extracted files.
 
     A ``dest`` that already holds this module's completion marker is returned as is. ``dest``
     must otherwise be absent or empty; a non-empty folder that sdnb did not extract is refused
-    rather than overwritten. Raises :class:`UnsafeArchiveError` naming a dangerous member.
+    rather than overwritten. Raises :class:`UnsafeArchiveError` naming a dangerous member, or an
+    archive that would extract to more than ``max_bytes`` (see the module docstring).
     """
     archive, dest = Path(archive), Path(dest)
+    limit = max_bytes if max_bytes is not None else max(MAX_RATIO * archive.stat().st_size, MIN_LIMIT)
     if (dest / MARKER).is_file():
         return _files(dest)
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
@@ -155,7 +172,7 @@ def extract(archive: str | Path, dest: str | Path) -> list[Path]:
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     try:
-        {"zip": _extract_zip, "tar": _extract_tar, "rar": _extract_rar}[kind](archive, tmp)
+        {"zip": _extract_zip, "tar": _extract_tar, "rar": _extract_rar}[kind](archive, tmp, limit)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -1,9 +1,15 @@
 """Resumable, verified downloads over HTTP(S) and from Google Drive.
 
 A download is written to ``<file>.part`` and renamed only once it is complete and its
-checksum agrees; a small ``<file>.sha256`` stamp then records the verified hash, so a second
-call returns at once without a request or a re-hash. A file whose checksum does not agree is
-set aside as ``<file>.bad`` and never used.
+checksum agrees; a small ``<file>.sha256`` stamp then records the verified hash, size and URL, so a
+second call returns at once without a request or a re-hash (only for the same expected hash). A file
+whose checksum does not agree is set aside as ``<file>.bad`` and never used.
+
+Without a recorded checksum the body is still checked: its size must be the one the server announced
+(``Content-Length`` / ``Content-Range``), and a web page (``Content-Type: text/html``) is refused for a
+file that is not one (a login wall, Google Drive's "cannot scan for viruses" page, a moved link); the size
+and SHA-256 of what was fetched are recorded in the stamp, with the URL (for the data manifest). A redirect
+loop's error names the URL.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import requests
 import urllib3
 from tqdm.auto import tqdm
 
-__all__ = ["ChecksumError", "download", "download_gdrive", "sha256_file"]
+__all__ = ["ChecksumError", "DownloadError", "download", "download_gdrive", "sha256_file"]
 
 _RETRYABLE = (
     requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
@@ -28,6 +34,10 @@ _RETRYABLE = (
 
 class ChecksumError(ValueError):
     """A downloaded file's SHA-256 (or size) is not the one expected; the file was set aside."""
+
+
+class DownloadError(OSError):
+    """The server sent something that is not the file (a web page, a redirect loop); retrying will not help."""
 
 
 class _ServerError(Exception):
@@ -56,8 +66,8 @@ def _read_stamp(path: Path) -> tuple[str, int] | None:
         return None
 
 
-def _write_stamp(path: Path, digest: str) -> None:
-    _stamp(path).write_text(f"{digest} {path.stat().st_size} {path.name}\n")
+def _write_stamp(path: Path, digest: str, url: str = "") -> None:
+    _stamp(path).write_text(f"{digest} {path.stat().st_size} {path.name} {url}".rstrip() + "\n")
 
 
 def _already_verified(path: Path, sha256: str | None, size: int | None) -> bool:
@@ -83,12 +93,16 @@ def _set_aside(part: Path, final: Path) -> Path:
     return bad
 
 
-def _verify_and_finish(part: Path, path: Path, sha256: str | None, size: int | None) -> Path:
-    """Check size and hash of a finished ``.part``; rename it to ``path`` or set it aside."""
+def _verify_and_finish(part: Path, path: Path, sha256: str | None, size: int | None, url: str = "",
+                       announced: int | None = None) -> Path:
+    """Check size and hash of a finished ``.part``; rename it to ``path`` or set it aside. `announced`: the size the
+    server gave (Content-Length), checked when no `size` is recorded."""
     actual_size = part.stat().st_size
-    if size is not None and actual_size != size:
-        bad = _set_aside(part, path)
-        raise ChecksumError(f"{path.name}: expected {size} bytes, got {actual_size}; set aside as {bad}")
+    for expected, source in ((size, "recorded"), (announced, "announced by the server")):
+        if expected is not None and actual_size != expected:
+            bad = _set_aside(part, path)
+            raise ChecksumError(f"{path.name}: expected {expected} bytes ({source}), got {actual_size}; "
+                                f"set aside as {bad}")
     digest = sha256_file(part)
     if sha256 is not None and digest != sha256:
         bad = _set_aside(part, path)
@@ -97,7 +111,7 @@ def _verify_and_finish(part: Path, path: Path, sha256: str | None, size: int | N
             f"the file was set aside as {bad} and not used"
         )
     part.replace(path)
-    _write_stamp(path, digest)
+    _write_stamp(path, digest, url)
     return path
 
 
@@ -122,30 +136,54 @@ def _blocks(r: requests.Response, chunk: int) -> Iterator[bytes]:
         yield block
 
 
-def _fetch_once(session: requests.Session, url: str, part: Path, timeout: float, chunk: int) -> bool:
-    """One request that appends to ``part`` (resuming with Range). True when the body is complete."""
+def _get(session: requests.Session, url: str, headers: dict[str, str], timeout: float) -> requests.Response:
+    """session.get, streaming; a redirect loop is an error that names the URL and where it led."""
+    try:
+        return session.get(url, headers=headers, stream=True, timeout=timeout)
+    except requests.TooManyRedirects as err:
+        chain = [r.url for r in err.response.history][-3:] if err.response is not None else []
+        raise DownloadError(f"{url}: too many redirects (over {session.max_redirects}: a redirect loop"
+                            f"{', via ' + ' -> '.join(chain) if chain else ''}); the link is broken or needs a login: "
+                            "open it in a browser") from err
+
+
+def _check_type(r: requests.Response, url: str, part: Path) -> None:
+    """Refuse a web page served in place of a file that is not one (a login wall, a confirmation page)."""
+    name = part.name[: -len(".part")]
+    kind = r.headers.get("Content-Type", "").split(";")[0].strip().lower()
+    if kind == "text/html" and not name.lower().endswith((".html", ".htm")):
+        raise DownloadError(f"{url}: the server sent a web page (Content-Type: text/html) instead of {name}: the link "
+                            "may need a login or a confirmation (Google Drive's virus-scan page), or has moved; open "
+                            "it in a browser and use the file's direct link")
+
+
+def _fetch_once(session: requests.Session, url: str, part: Path, timeout: float, chunk: int) -> tuple[bool, int | None]:
+    """One request that appends to ``part`` (resuming with Range): (body complete, the file's size as announced)."""
     offset = part.stat().st_size if part.exists() else 0
     headers = {"Accept-Encoding": "identity"}  # byte ranges count the bytes on the wire
     if offset:
         headers["Range"] = f"bytes={offset}-"
-    with session.get(url, headers=headers, stream=True, timeout=timeout) as r:
+    with _get(session, url, headers, timeout) as r:
         if r.status_code == 416 and offset:  # nothing left to send, or a bogus part
-            if _total_from_content_range(r.headers.get("Content-Range")) == offset:
-                return True
+            total = _total_from_content_range(r.headers.get("Content-Range"))
+            if total == offset:
+                return True, total
             part.unlink()
-            return False
+            return False, None
         if r.status_code >= 500:
             raise _ServerError(f"{url}: HTTP {r.status_code}")
         r.raise_for_status()  # 4xx other than 416: not worth retrying
+        _check_type(r, url, part)
         if r.status_code == 206:
             start = int(r.headers.get("Content-Range", "bytes 0-").split()[1].split("-")[0])
             if start != offset:  # another range than asked for: start over
                 part.unlink(missing_ok=True)
-                return False
+                return False, None
         else:  # 200: the server ignored Range, so the body is the whole file
             offset = 0
         length = r.headers.get("Content-Length")
-        expected = offset + int(length) if length is not None else None
+        expected = _total_from_content_range(r.headers.get("Content-Range")) if r.status_code == 206 else None
+        expected = expected or (offset + int(length) if length is not None else None)
         received = offset
         with open(part, "ab" if offset else "wb") as f, tqdm(
             total=expected, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
@@ -155,7 +193,7 @@ def _fetch_once(session: requests.Session, url: str, part: Path, timeout: float,
                 f.write(block)
                 received += len(block)
                 bar.update(len(block))
-        return expected is None or received >= expected
+        return expected is None or received >= expected, expected
 
 
 def download(
@@ -189,26 +227,28 @@ def download(
     own_session = session is None
     session = session or requests.Session()
     try:
-        _fetch_with_retries(session, url, path, part, size, retries, backoff, chunk, timeout)
+        announced = _fetch_with_retries(session, url, path, part, size, retries, backoff, chunk, timeout)
     finally:
         if own_session:
             session.close()
-    return _verify_and_finish(part, path, sha256, size)
+    return _verify_and_finish(part, path, sha256, size, url, announced)
 
 
 def _fetch_with_retries(session: requests.Session, url: str, path: Path, part: Path, size: int | None, retries: int,
-                        backoff: float, chunk: int, timeout: float) -> None:
-    """Fetch into `part` until the body is complete; give up after `retries` failures in a row without progress."""
-    failures = 0
+                        backoff: float, chunk: int, timeout: float) -> int | None:
+    """Fetch into `part` until the body is complete; give up after `retries` failures in a row without progress.
+    Returns the file's size as the server announced it (None if it did not)."""
+    failures, announced = 0, None
     while True:
         before = part.stat().st_size if part.exists() else 0
         if size is not None and before == size:
-            return
+            return announced
         if size is not None and before > size:
             part.unlink()
         try:
-            if _fetch_once(session, url, part, timeout, chunk):
-                return
+            complete, announced = _fetch_once(session, url, part, timeout, chunk)
+            if complete:
+                return announced
             error: Exception = ConnectionError(f"{url}: body ended early")
         except (*_RETRYABLE, _ServerError) as e:
             error = e
@@ -231,4 +271,4 @@ def download_gdrive(file_id: str, path: str | Path, sha256: str | None = None, s
     part = path.with_name(path.name + ".part")
     if gdown.download(id=file_id, output=str(part), quiet=False, resume=True) is None:
         raise ConnectionError(f"gdown could not download Google Drive file {file_id} to {path}")
-    return _verify_and_finish(part, path, sha256, size)
+    return _verify_and_finish(part, path, sha256, size, f"gdrive:{file_id}")

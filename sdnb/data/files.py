@@ -9,6 +9,8 @@ import uuid
 from collections.abc import Iterable
 from pathlib import Path
 
+from sdnb.data.folders import check_sync_dir
+
 MARKER = "sdnb_complete"  # a checkpoint's completion marker (sdnb.train.checkpoint): copied last
 
 
@@ -54,8 +56,7 @@ def copy_tree_atomic(src: Path, dst: Path, last: tuple[str, ...] = (MARKER,)) ->
 def mirror_outputs(run_dir: str | Path, sync_dir: str | Path, names: Iterable[str]) -> list[Path]:
     """Copy what a notebook wrote (files or folders under run_dir named in `names`, those that exist) to sync_dir,
     each atomically; returns the copies. For the notebooks whose results are not checkpoints (01, 04)."""
-    run_dir, sync_dir = Path(run_dir), Path(sync_dir)
-    sync_dir.mkdir(parents=True, exist_ok=True)
+    run_dir, sync_dir = Path(run_dir), check_sync_dir(sync_dir)  # never on the local disk of an unmounted Drive
     copied = []
     for name in names:
         src = run_dir / name

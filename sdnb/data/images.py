@@ -1,15 +1,15 @@
 """Scanning image folders, loading any image as 8-bit RGB, and resized training copies.
 
 Every file with an image extension is checked by decoding it; what cannot be used is skipped
-with a reason (and can be written to ``skipped.csv``), so one bad file never stops a scan.
-Hidden files and folders, ``.ipynb_checkpoints`` and non-image files (caption sidecars such as
-``image.txt`` / ``image.json``) are ignored. Transparency is composited onto white.
+with a reason (and can be written to ``skipped.csv``), so one bad file never stops a scan: unreadable
+folders, symbolic link loops, dangling links and FIFOs or devices named like images (never opened: a
+FIFO would block) are listed too. Hidden files and folders, ``.ipynb_checkpoints`` and non-image files
+(caption sidecars such as ``image.txt`` / ``image.json``) are ignored. Transparency is composited onto white.
 """
 
 from __future__ import annotations
 
 import csv
-import os
 import random
 import shutil
 import warnings
@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 from tqdm.auto import tqdm
+
+from sdnb.data.walk import walk_files
 
 __all__ = [
     "IMAGE_EXTENSIONS", "ImageRecord", "ScanResult", "find_images", "load_rgb", "make_training_copies", "scan",
@@ -56,15 +58,6 @@ class ScanResult:
 
     def summary(self) -> str:
         return f"{len(self.ok)} images ok, {len(self.skipped)} skipped"
-
-
-def _candidates(folder: Path, extensions: tuple[str, ...]) -> list[Path]:
-    """Image-named files under ``folder``, sorted, without hidden files or ignored folders."""
-    found = []
-    for root, dirs, files in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in IGNORED_DIRS)
-        found += [Path(root, f) for f in sorted(files) if not f.startswith(".") and f.lower().endswith(extensions)]
-    return found
 
 
 class _TooLarge(ValueError):
@@ -102,8 +95,9 @@ def scan(
     if not folder.is_dir():
         raise NotADirectoryError(f"scan: {folder} is not a folder")
     extensions = tuple(e.lower() for e in extensions)
-    result = ScanResult()
-    for path in tqdm(_candidates(folder, extensions), desc=f"scan {folder.name}", disable=not progress):
+    candidates, skipped = walk_files(folder, extensions, IGNORED_DIRS)
+    result = ScanResult(skipped=skipped)
+    for path in tqdm(candidates, desc=f"scan {folder.name}", disable=not progress):
         rel = path.relative_to(folder).as_posix()
         try:
             w, h, mode, fmt = _check(path, max_pixels)
@@ -112,11 +106,18 @@ def scan(
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
             result.skipped.append((rel, f"decompression bomb: {e}"))
         except Exception as e:  # noqa: BLE001 - any decoder failure means: skip this file, go on
-            reason = "empty file" if path.stat().st_size == 0 else f"{type(e).__name__}: {e}"
+            reason = "empty file" if _size(path) == 0 else f"{type(e).__name__}: {e}"
             result.skipped.append((rel, reason))
         else:
             result.ok.append(ImageRecord(path, rel, w, h, mode, fmt))
     return result
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return -1
 
 
 def write_skipped_csv(skipped: list[tuple[str, str]], path: str | Path) -> Path:

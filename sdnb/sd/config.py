@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from sdnb.config import ConfigError, param
-from sdnb.train.config import OPTIMIZERS, TrainConfig
+from sdnb.train.config import MAX_LR, OPTIMIZERS, TrainConfig
 
 
 @dataclass
@@ -27,7 +27,7 @@ class SDConfig(TrainConfig):
     caption_dropout: float = param(0.0, ge=0, le=1, help="share of steps trained with an empty caption")
     cache_latents: bool = param(False, help="encode images and captions once (needs crop_jitter=0, flip=False)")
     train_text_encoder: bool = param(False)
-    text_encoder_lr: float = param(5e-7, gt=0, le=1)
+    text_encoder_lr: float = param(5e-7, gt=0, le=MAX_LR)
     gradient_checkpointing: bool = param(True, help="less activation memory, ~20-30% slower")
     snr_gamma: float = param(0.0, ge=0, help="Min-SNR weighting; 5.0 is the paper's; 0 = off")
     noise_offset: float = param(0.02, ge=0, le=1, help="offset (zero-frequency) noise; EveryDream2 uses 0.02")
@@ -42,7 +42,7 @@ class SDConfig(TrainConfig):
     sync_what: str = param("auto", choices=("auto", "full", "weights"),
                            help="mirror full training states or fp16 UNet weights; auto = full if it fits")
     # the training loop's fields, with EveryDream2's defaults (the seed's recipe)
-    lr: float = param(1e-6, gt=0, le=1)
+    lr: float = param(1e-6, gt=0, le=MAX_LR)
     optimizer: str = param("auto", choices=OPTIMIZERS, help="auto = 8-bit AdamW on a GPU with bitsandbytes, else AdamW")
     weight_decay: float = param(0.01, ge=0)
     batch_size: int = param(2, ge=1)

@@ -2,7 +2,8 @@
 
 A checkpoint is `accelerator.save_state` (weights, optimizer, registered LR scheduler and EMA, every
 process's RNG states) plus `sdnb_state.json` (step, data position, log window, config). It is written
-into `.tmp-step-NNNNNN/`, the marker file `sdnb_complete` goes in last, then the folder is renamed.
+into `.tmp-step-NNNNNN/`, with `sdnb_manifest.json` (each file's size and checksum, `sdnb.train.manifest`);
+the marker file `sdnb_complete` goes in last, then the folder is renamed.
 Readers only trust folders named `step-NNNNNN` that hold the marker, so a process killed while
 writing (or a half-copied folder on Google Drive) leaves the previous checkpoint in charge.
 
@@ -12,25 +13,24 @@ What a resume must reproduce besides the state accelerate saves (the data order 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
 import shutil
-import signal
-import sys
-import threading
 import time
 import uuid
-from collections.abc import Callable
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import SCALER_NAME
 from safetensors.torch import load_model
 
+from sdnb.data.disk import NotEnoughSpace, format_gb, free_bytes
 from sdnb.data.files import MARKER
+from sdnb.train.manifest import verify_manifest, write_manifest
 
 STATE = "sdnb_state.json"
 _NAME = re.compile(r"^step-(\d{6,})$")
@@ -64,14 +64,44 @@ def marker_id(path: str | Path) -> str:
         return ""
 
 
-def list_checkpoints(root: str | Path) -> list[Path]:
-    """Complete checkpoints under `root/checkpoints`, oldest first ([] if the folder is missing or unreadable)."""
-    folder = Path(root) / "checkpoints"
+def checkpoint_folders(root: str | Path) -> list[Path]:
+    """Every folder named step-NNNNNN under `root/checkpoints`, complete or not, oldest first ([] when there is no
+    such folder). A folder that exists but cannot be listed raises its OSError: "nothing found" it is not."""
     try:
-        found = [p for p in folder.iterdir() if is_complete(p)]
-    except OSError:
+        found = [p for p in (Path(root) / "checkpoints").iterdir() if _NAME.match(p.name)]
+    except FileNotFoundError:
         return []
     return sorted(found, key=step_of)
+
+
+def list_checkpoints(root: str | Path) -> list[Path]:
+    """Complete checkpoints under `root/checkpoints`, oldest first (for pruning and mirroring: a folder that cannot be
+    read counts as none; `sdnb.train.resume` is strict instead)."""
+    try:
+        folders = checkpoint_folders(root)
+    except OSError:
+        return []
+    found = []
+    for path in folders:
+        try:
+            if is_complete(path):
+                found.append(path)
+        except OSError:  # an unreadable folder: not a checkpoint anyone can use
+            pass
+    return found
+
+
+def checkpoint_problems(path: str | Path) -> list[str]:
+    """Why a checkpoint folder cannot be resumed ([] when it is complete and its files match its manifest)."""
+    path = Path(path)
+    try:
+        if not _NAME.match(path.name) or not path.is_dir():
+            return ["not a checkpoint folder (expected a step-NNNNNN folder)"]
+        if not (path / MARKER).is_file():
+            return [f"no completion marker '{MARKER}' (its write or copy did not finish)"]
+        return verify_manifest(path)
+    except OSError as err:
+        return [f"unreadable ({type(err).__name__}: {err})"]
 
 
 def find_latest(run_dir: str | Path, sync_dir: str | Path = "") -> Path | None:
@@ -87,69 +117,111 @@ def read_state(path: str | Path) -> dict[str, Any]:
 
 
 def save_checkpoint(accelerator: Accelerator, run_dir: str | Path, step: int, state: dict[str, Any]) -> Path:
-    """Write a complete checkpoint of the prepared objects and `state` (call on every process)."""
+    """Write a complete checkpoint of the prepared objects and `state` (call on every process): files, then the
+    manifest of their sizes and checksums, then the marker, then the rename. A failed write leaves no partial folder."""
     root = Path(run_dir) / "checkpoints"
     final, tmp = root / checkpoint_name(step), root / f".tmp-{checkpoint_name(step)}"
     if accelerator.is_main_process:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)  # left over by a killed process
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        state = {**state, "step": step, "saved_at": time.strftime("%Y-%m-%d %H:%M:%S"), "id": uuid.uuid4().hex}
-        (tmp / STATE).write_text(json.dumps(state, indent=1, default=str))
-        if os.environ.get(_TEST_PAUSE_ENV) == str(step):
-            time.sleep(120)
-        (tmp / MARKER).write_text(state["id"] + "\n")
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(tmp, final)
+    try:
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            _finish(tmp, final, {**state, "step": step})
+    except BaseException as err:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)  # never leave a partial checkpoint filling the disk
+        if _out_of_space(err):
+            raise NotEnoughSpace(f"not enough space in {root}: writing {final.name} failed ({err}); have "
+                                 f"{format_gb(free_bytes(root))} free. The partial checkpoint was removed and the earlier "
+                                 "ones are intact: free space there (or lower keep_checkpoints), then resume='latest'"
+                                 ) from err
+        raise
     accelerator.wait_for_everyone()
     return final
 
 
+def _finish(tmp: Path, final: Path, state: dict[str, Any]) -> None:
+    """The main process's part of a save: the state file, the manifest, the marker (last), then the rename."""
+    state = {**state, "saved_at": time.strftime("%Y-%m-%d %H:%M:%S"), "id": uuid.uuid4().hex}
+    (tmp / STATE).write_text(json.dumps(state, indent=1, default=str))
+    write_manifest(tmp)
+    if os.environ.get(_TEST_PAUSE_ENV) == str(state["step"]):
+        time.sleep(120)
+    (tmp / MARKER).write_text(state["id"] + "\n")
+    if final.exists():
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+
+
+def _out_of_space(err: BaseException) -> bool:
+    """A write failed for lack of space: ENOSPC, or torch's zip writer failing part-way ("unexpected pos")."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return isinstance(err, RuntimeError) and ("unexpected pos" in str(err) or "file write failed" in str(err))
+
+
 def load_checkpoint(accelerator: Accelerator, path: str | Path) -> dict[str, Any]:
-    """Restore the prepared objects and RNG states from a complete checkpoint; returns its sdnb state."""
+    """Restore the prepared objects and RNG states from a complete checkpoint; returns its sdnb state.
+    A checkpoint saved without fp16's loss scaler (bf16 or fp32 training) resumes under fp16 with a fresh scaler."""
     path = Path(path)
     if not is_complete(path):
         raise FileNotFoundError(f"resume={str(path)!r} is not a complete checkpoint folder "
                                 f"(a step-NNNNNN folder holding '{MARKER}')")
-    accelerator.load_state(str(path))
+    scaler = accelerator.scaler
+    if scaler is not None and not (path / SCALER_NAME).exists():
+        print(f"{path.name} was saved without fp16's loss scaler (trained in bf16 or fp32): fp16 continues with a "
+              f"fresh one (scale {scaler.get_scale():g}); the first steps may be skipped while it adjusts", flush=True)
+        accelerator.scaler = None  # accelerate would look for scaler.pt
+    try:
+        accelerator.load_state(str(path))
+    finally:
+        accelerator.scaler = scaler
     return read_state(path)
 
 
-def prune(root: str | Path, keep: int, protect: set[Path] | frozenset = frozenset()) -> None:
-    """Delete all but the newest `keep` complete checkpoints under root/checkpoints, and stale temporaries."""
-    folder = Path(root) / "checkpoints"
-    for path in list_checkpoints(root)[:-keep] if keep > 0 else []:
+def prune(root: str | Path, keep: int, protect: set[Path] | frozenset = frozenset()) -> list[Path]:
+    """Delete all but the newest `keep` complete checkpoints under root/checkpoints, and stale temporaries; the newest
+    checkpoint that verifies is kept even when it is older (a damaged copy is never the only one left). Returns
+    what it deleted."""
+    folder, done = Path(root) / "checkpoints", []
+    complete = list_checkpoints(root)
+    old, kept = (complete[:-keep], complete[-keep:]) if keep > 0 else ([], complete)
+    if old and not any(not checkpoint_problems(p) for p in reversed(kept)):
+        good = next((p for p in reversed(old) if not checkpoint_problems(p)), None)
+        if good is not None:
+            print(f"keeping {good}: the newer checkpoints in {folder} do not verify", flush=True)
+            protect = set(protect) | {good}
+    for path in old:
         if path not in protect:
             shutil.rmtree(path, ignore_errors=True)
+            done.append(path)
     for path in folder.glob(".tmp-step-*") if folder.is_dir() else []:
         shutil.rmtree(path, ignore_errors=True)
+    return done
+
+
+def set_aside(path: Path, why: str) -> Path:
+    """Rename a checkpoint folder to `<why>-step-NNNNNN-<time>` (kept, never read again, never pruned)."""
+    target = path.with_name(f"{why}-{path.name}-{int(time.time())}")
+    os.rename(path, target)
+    return target
 
 
 def set_aside_newer(root: str | Path, step: int) -> list[Path]:
-    """Rename checkpoints newer than `step` to `abandoned-step-...` (resuming from an older checkpoint)."""
-    moved = []
-    for path in list_checkpoints(root):
-        if step_of(path) > step:
-            target = path.with_name(f"abandoned-{path.name}-{int(time.time())}")
-            os.rename(path, target)
-            moved.append(target)
-    return moved
+    """Rename checkpoint folders newer than `step` (complete or not) to `abandoned-step-...` (resuming from an older
+    checkpoint starts a new timeline)."""
+    return [set_aside(path, "abandoned") for path in checkpoint_folders(root) if step_of(path) > step]
 
 
 def has_run(root: str | Path) -> list[Path]:
-    """What in `root` shows that a run already wrote there (log.csv, checkpoint folders)."""
+    """What in `root` shows that a run already wrote there (log.csv, checkpoint folders, final weights). An error
+    while looking raises (an unreadable folder is not an empty one)."""
     root = Path(root)
-    found = [root / "log.csv"] if (root / "log.csv").exists() else []
-    folder = root / "checkpoints"
-    try:
-        found += [p for p in folder.iterdir() if _NAME.match(p.name)]
-    except OSError:
-        pass
-    return found
+    found = [root / name for name in ("log.csv", "final") if (root / name).exists()]
+    return found + checkpoint_folders(root)
 
 
 def register_portable_weights(accelerator: Accelerator) -> None:
@@ -167,52 +239,14 @@ def register_portable_weights(accelerator: Accelerator) -> None:
     accelerator.register_load_state_pre_hook(load_hook)
 
 
-def apply_hyperparameters(optimizer: torch.optim.Optimizer, scheduler: Any, lrs: list[float],
-                          betas: tuple[float, float], weight_decay: float) -> None:
-    """After a load, use this run's lr (one per param group), betas and weight decay: a second stage may
-    change them, while the loaded optimizer and LR scheduler states hold the first stage's."""
+def apply_hyperparameters(optimizer: torch.optim.Optimizer, scheduler: Any, lrs: list[float], settings: Any,
+                          emas: Any = ()) -> None:
+    """After a load, use this run's lr (one per param group), betas, weight decay and EMA decay: a second stage may
+    change them, while the loaded optimizer, LR scheduler and EMA states hold the first stage's."""
     for i, (group, base) in enumerate(zip(optimizer.param_groups, lrs)):
-        group.update(betas=betas, weight_decay=weight_decay)
+        group.update(betas=tuple(settings.adam_betas), weight_decay=settings.weight_decay)
         if group["initial_lr"] != base:
             group["initial_lr"] = scheduler.base_lrs[i] = base
             group["lr"] = base * scheduler.lr_lambdas[i](scheduler.last_epoch)
-
-
-def write_final(run_dir: str | Path, write: Callable[[Path], None]) -> Path:
-    """Write run_dir/final through `write(tmp_folder)`; an older final/ is replaced only once it is complete."""
-    run_dir = Path(run_dir)
-    final, tmp, old = run_dir / "final", run_dir / ".tmp-final", run_dir / ".old-final"
-    for path in (tmp, old):
-        shutil.rmtree(path, ignore_errors=True)
-    tmp.mkdir()
-    write(tmp)
-    if final.exists():
-        os.rename(final, old)
-    os.rename(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-@contextmanager
-def deferred_interrupt(on_interrupt: Callable[[], None]):
-    """A first Ctrl-C only calls `on_interrupt` (the loop then finishes its step, saves an 'interrupted'
-    checkpoint and stops); a second one raises KeyboardInterrupt at once. Main thread only."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous, seen = signal.getsignal(signal.SIGINT), []
-
-    def handler(signum: int, frame: Any) -> None:
-        if seen:
-            signal.signal(signal.SIGINT, previous)
-            raise KeyboardInterrupt
-        seen.append(signum)
-        on_interrupt()
-        print("\ninterrupt: finishing this step, then saving a checkpoint (interrupt again to stop at once)",
-              file=sys.stderr, flush=True)
-
-    signal.signal(signal.SIGINT, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    for ema in emas:
+        ema.decay = settings.ema_decay

@@ -20,6 +20,7 @@ import matplotlib.pyplot as plt
 from tqdm.auto import tqdm
 
 FIRST_COLUMNS = ("step", "epoch")
+EXPLOSION = 100.0  # a loss 100x its lowest logged value has diverged (lr=1 took the tiny VAE from 0.2 to 45,217)
 
 
 def read_log(path: str | Path) -> list[dict[str, float]]:
@@ -88,6 +89,32 @@ class CSVLog:
         if len(kept) != len(self.rows) or self.path.exists():
             self.rows = kept
             self._rewrite()
+
+
+class RunLog(CSVLog):
+    """The loop's log.csv: each row also goes to the tracker (`accelerator.log`) and asks the mirror for a copy."""
+
+    def __init__(self, path: str | Path, enabled: bool, accelerator: Any = None):
+        super().__init__(path, enabled)
+        self.accelerator, self.mirror, self.exploded = accelerator, None, ""
+
+    def append(self, row: dict[str, float]) -> None:
+        super().append(row)
+        if self.accelerator is not None:
+            self.accelerator.log({k: v for k, v in row.items() if k != "step"}, step=int(row["step"]))
+        if self.mirror:
+            self.mirror.request("log")
+
+    def explosion(self, lr: float) -> str:
+        """Once per run: a warning when the last row's loss is EXPLOSION times its lowest logged value, else ''."""
+        losses = [r["loss"] for r in self.rows if "loss" in r and math.isfinite(r["loss"])]
+        if self.exploded or len(losses) < 2 or min(losses) <= 0 or losses[-1] < EXPLOSION * min(losses):
+            return ""
+        self.exploded = (f"WARNING: the loss exploded: {losses[-1]:.4g} at step {self.rows[-1]['step']}, "
+                         f"{losses[-1] / min(losses):.0f}x its lowest value so far ({min(losses):.4g}). The learning "
+                         f"rate is probably too high (lr={lr:g}): stop, lower lr (or raise warmup_steps), and resume "
+                         "from a checkpoint saved before the rise")
+        return self.exploded
 
 
 class LossWindow:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping
-from contextlib import nullcontext
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -26,14 +25,18 @@ from diffusers.optimization import get_scheduler
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from sdnb.data.folders import check_run_dir
 from sdnb.train.batches import MicroBatches, shuffled_batches
-from sdnb.train.checkpoint import apply_hyperparameters, deferred_interrupt, load_checkpoint, prune, \
-    register_portable_weights, save_checkpoint, write_final
+from sdnb.train.checkpoint import apply_hyperparameters, load_checkpoint, register_portable_weights, save_checkpoint
 from sdnb.train.config import TrainConfig
-from sdnb.train.logs import CSVLog, LossWindow, progress_bar, read_log
-from sdnb.train.parts import NonFiniteLossError, TrainResult, ema_weights, check_grads_synced, evaluation_mode, \
-    make_accelerator, make_emas, make_optimizer, nonfinite_message, param_groups, save_pretrained_all
-from sdnb.train.sync import Mirror, resolve_resume
+from sdnb.train.logs import LossWindow, RunLog, progress_bar, read_log
+from sdnb.train.parts import NonFiniteLossError, TrainResult, check_grads_synced, deferred_interrupt, ema_weights, \
+    evaluation_mode, make_accelerator, make_emas, make_optimizer, nonfinite_message, on_main, param_groups, \
+    save_pretrained_all
+from sdnb.train.guards import after_save, before_save, close_run, write_final
+from sdnb.train.resume import lock_run, record, start
+from sdnb.train.space import state_bytes
+from sdnb.train.sync import Mirror
 
 
 def _due(every: int, step: int) -> bool:
@@ -52,11 +55,12 @@ class Trainer:
         self.run_dir = Path(s.run_dir)
         self.is_main = self.accelerator.is_main_process
         if self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            check_run_dir(self.run_dir)  # refused on an unmounted Google Drive, or where a file is
         config = config if config is not None else s
         self.config = asdict(config) if is_dataclass(config) else dict(config)
         self.mirror: Mirror | None = None
-        self._interrupt = False
+        self.locks: list = []
+        self._interrupt = self._fitted = False
 
     # ---------------------------------------------------------------- the loop
     def fit(self, models: dict[str, nn.Module], step_fn: Callable[[dict[str, nn.Module], Any], dict[str, Tensor]],
@@ -66,25 +70,25 @@ class Trainer:
             sample: Callable[[dict[str, nn.Module], int, Path], None] | None = None,
             save_final: Callable[[dict[str, nn.Module], Path], None] | None = None) -> TrainResult:
         """Train `models` with `step_fn(models, batch) -> {"loss": total, ...}` until the step/epoch budget."""
-        s, acc = self.settings, self.accelerator
         self.evaluate_fn, self.sample_fn = evaluate, sample
-        self._setup(models, dataset, collate_fn, batch_sampler_fn, lrs or {})
-        bar = progress_bar(self.total_steps, self.step, disable=not self.is_main)
         try:
-            with deferred_interrupt(lambda: setattr(self, "_interrupt", True)):
-                self._loop(step_fn, bar)
-            if self._interrupt:
-                raise KeyboardInterrupt
-            final = self._write_final(save_final or save_pretrained_all)
-        finally:
-            bar.close()
-            if self.mirror:
-                self.mirror.close()
-            if s.log_with:
-                acc.end_training()
-        last = next((r for r in reversed(self.log.rows) if "loss" in r), {})
-        return TrainResult(self.step, {k: v for k, v in last.items() if k not in ("step", "epoch")}, final,
-                           self.last_checkpoint, read_log(self.run_dir / "log.csv"))
+            self._setup(models, dataset, collate_fn, batch_sampler_fn, lrs or {})
+            bar = progress_bar(self.total_steps, self.step, disable=not self.is_main)
+            try:
+                with deferred_interrupt(lambda: setattr(self, "_interrupt", True)):
+                    self._loop(step_fn, bar)
+                if self._interrupt:
+                    raise KeyboardInterrupt
+                final = self._write_final(save_final or save_pretrained_all)
+            finally:
+                bar.close()
+            last = next((r for r in reversed(self.log.rows) if "loss" in r), {})
+            return TrainResult(self.step, {k: v for k, v in last.items() if k not in ("step", "epoch")}, final,
+                               self.last_checkpoint, read_log(self.run_dir / "log.csv"))
+        finally:  # wait for the mirror, release the locks, free the optimizer and gradients at once (the kernel lives on)
+            close_run(self.accelerator, self.mirror, self.locks, bool(self.settings.log_with and self._fitted))
+            for name in ("optimizer", "scheduler", "emas", "ema_params", "params", "stream", "models", "unwrapped"):
+                self.__dict__.pop(name, None)
 
     def _loop(self, step_fn: Callable, bar: Any) -> None:
         s, acc = self.settings, self.accelerator
@@ -148,9 +152,9 @@ class Trainer:
         """Step 4: clip and step (EMA too), or skip the step on every process when a loss was not finite."""
         s, acc = self.settings, self.accelerator
         skip, norm = vals[-3] > 0, None
-        if not skip and s.max_grad_norm > 0:
-            norm = acc.clip_grad_norm_(self.params, s.max_grad_norm).item()
-            skip = not math.isfinite(norm) and s.mixed_precision != "fp16"  # fp16: GradScaler skips
+        if not skip:  # clipping off: max_norm=inf measures the norm (NaN gradients skip the step) and scales by 1
+            norm = acc.clip_grad_norm_(self.params, s.max_grad_norm if s.max_grad_norm > 0 else math.inf).item()
+            skip = not math.isfinite(norm) and acc.scaler is None  # fp16: GradScaler skips that step itself
         self._in_update = True  # from here to the step count, an interrupt cannot save a whole state
         if skip:
             self.skipped, self.streak = self.skipped + 1, self.streak + 1
@@ -174,8 +178,10 @@ class Trainer:
     def _setup(self, models: dict[str, nn.Module], dataset: Dataset, collate_fn: Callable | None,
                batch_sampler_fn: Callable | None, lrs: dict[str, float]) -> None:
         s, acc = self.settings, self.accelerator
-        if getattr(self, "models", None) is not None:
+        if self._fitted:
             raise RuntimeError("Trainer.fit runs once per Trainer: make a new Trainer for another run")
+        self._fitted = True
+        found = on_main(acc, self._start)  # the locks, then the checkpoint to continue from (None: a fresh run)
         groups = param_groups(models, lrs, s.lr)
         self.optimizer = make_optimizer(s, groups, self.device)
         batches_fn = batch_sampler_fn or shuffled_batches(len(dataset), s.batch_size, s.seed)
@@ -194,27 +200,33 @@ class Trainer:
         self.step = self.skipped = self.streak = 0
         self.window, self.elapsed0, self._in_update = LossWindow(), 0.0, False
         self.last_checkpoint, self.grads_checked = None, acc.num_processes == 1
-        self.start_checkpoint = resolve_resume(acc, s.resume, self.run_dir, s.sync_dir)
+        self.start_checkpoint = Path(found) if found else None
         pos = {"epoch": 0, "micro_batches": 0}
         if self.start_checkpoint is not None:  # load last: nothing may draw random numbers after this
             state = load_checkpoint(acc, self.start_checkpoint)
             pos, self.step, self.elapsed0 = state["position"], state["step"], state["elapsed_s"]
             self.skipped, self.streak = state["skipped_nonfinite"], state["streak"]
             self.window.load_state_dict(state["window"])
-            apply_hyperparameters(self.optimizer, self.scheduler, [lrs.get(n, s.lr) for n in self.models],
-                                  s.adam_betas, s.weight_decay)
-            for ema in self.emas.values():
-                ema.decay = s.ema_decay
+            apply_hyperparameters(self.optimizer, self.scheduler, [lrs.get(n, s.lr) for n in self.models], s,
+                                  self.emas.values())
         self.start_step, self.last_save, self.session_start = self.step, time.monotonic(), time.time()
-        self.log = CSVLog(self.run_dir / "log.csv", enabled=self.is_main)
+        self.log = RunLog(self.run_dir / "log.csv", self.is_main, acc if s.log_with else None)
         self.log.truncate(self.step)  # logged losses then match an uninterrupted run
         if s.sync_dir and self.is_main:
-            self.mirror = Mirror(self.run_dir, s.sync_dir, keep=s.keep_checkpoints)
+            self.log.mirror = self.mirror = Mirror(self.run_dir, s.sync_dir, s.keep_checkpoints, lock=self.locks[-1])
         if s.log_with:
             acc.init_trackers("sdnb", config={k: v for k, v in asdict(s).items() if isinstance(v, (int, float, str))})
         loader_kwargs = dict(collate_fn=collate_fn, num_workers=s.num_workers, pin_memory=self.device.type == "cuda")
         self.stream = MicroBatches(dataset, batches_fn, acc.process_index, acc.num_processes, pos["epoch"],
                                    pos["micro_batches"] // acc.num_processes, s.seed, **loader_kwargs)
+
+    def _start(self) -> str | None:
+        """Main process: lock run_dir and sync_dir (the config's, when a stage mirrors weights itself), then choose,
+        check and adopt the checkpoint to continue from (`sdnb.train.resume`)."""
+        s = self.settings
+        self.locks = lock_run(self.run_dir, s.sync_dir or self.config.get("sync_dir", ""))
+        path = start(s.resume, self.run_dir, s.sync_dir, self.config)
+        return str(path) if path is not None else None
 
     # ---------------------------------------------------------------- cadence: evaluate, sample, checkpoint
     def _budget_spent(self) -> bool:
@@ -228,7 +240,7 @@ class Trainer:
             values = self._callback(self.evaluate_fn, step)
             if values is not None:
                 row = {f"val_{k}".replace("val_val_", "val_"): float(v) for k, v in values.items()}
-                self._append({"step": step, "epoch": round(self.stream.epochs_done, 4), **row})
+                self.log.append({"step": step, "epoch": round(self.stream.epochs_done, 4), **row})
         checkpoints_on = s.checkpoint_every > 0 or s.checkpoint_minutes > 0
         save = step > 0 and (flags["interrupt"] or self.streak == 0 and (
             _due(s.checkpoint_every, step) or flags["time"] or (done and checkpoints_on)))
@@ -249,47 +261,40 @@ class Trainer:
 
     def _save(self, reason: str) -> None:
         s, acc = self.settings, self.accelerator
-        state = {"reason": reason, "position": self.pos, "elapsed_s": self._elapsed(),
-                 "skipped_nonfinite": self.skipped, "streak": self.streak,
-                 "window": self.window.state_dict(),
-                 "num_processes": acc.num_processes, "settings": asdict(s), "config": self.config,
-                 "models": list(self.models)}
+        before_save(acc, self.run_dir, self.step, self.unwrapped, self.locks, self.mirror,
+                    lambda: state_bytes(self.unwrapped.values(), self.optimizer, self.emas.values()),
+                    self.last_checkpoint or self.start_checkpoint)
+        state = {"reason": reason, "position": self.pos, "elapsed_s": self._elapsed(), "skipped_nonfinite": self.skipped,
+                 "streak": self.streak, "window": self.window.state_dict(), "num_processes": acc.num_processes,
+                 "settings": asdict(s), "config": self.config, "models": list(self.models)}
         self.last_checkpoint = save_checkpoint(acc, self.run_dir, self.step, state)
         self.last_save = time.monotonic()
         if self.is_main:
-            with self.mirror.lock if self.mirror else nullcontext():
-                prune(self.run_dir, s.keep_checkpoints, self.mirror.busy() if self.mirror else set())
-            if self.mirror:
-                self.mirror.request("checkpoints", "log")
+            after_save(self.run_dir, self.step, s.keep_checkpoints, self.mirror)
         if reason == "interrupted" and self.is_main:
             print(f"saved an interrupted checkpoint: {self.last_checkpoint} (resume='latest' continues)", flush=True)
 
     def _write_final(self, save_final: Callable[[dict[str, nn.Module], Path], None]) -> Path:
-        """Write run_dir/final (EMA weights if ema) through a temporary folder."""
-        if self.is_main:
+        """Write run_dir/final (EMA weights if ema) through a temporary folder, if it fits."""
+        def write(tmp: Path) -> None:
             with ema_weights(self.emas, self.ema_params):
-                write_final(self.run_dir, lambda tmp: save_final(self.unwrapped, tmp))
-            if self.mirror:
-                self.mirror.request("final", "log")
-        self.accelerator.wait_for_everyone()
+                save_final(self.unwrapped, tmp)
+        on_main(self.accelerator, lambda: write_final(self.run_dir, write, state_bytes(self.unwrapped.values())))
+        if self.mirror:
+            self.mirror.request("final", "log")
         return self.run_dir / "final"
 
     # ---------------------------------------------------------------- logging and guards
     def _elapsed(self) -> float:
         return self.elapsed0 + time.time() - self.session_start
 
-    def _append(self, row: dict[str, float]) -> None:
-        self.log.append(row)
-        if self.settings.log_with:
-            self.accelerator.log({k: v for k, v in row.items() if k != "step"}, step=int(row["step"]))
-        if self.mirror:
-            self.mirror.request("log")
-
     def _log_row(self, lr: float, bar: Any) -> None:
         row = {"step": self.step, "epoch": round(self.stream.epochs_done, 4), **self.window.row(), "lr": lr,
                "skipped_nonfinite": self.skipped, "elapsed_s": round(self._elapsed(), 2)}
         if self.mirror:
             row["sync_errors"] = len(self.mirror.errors)
-        self._append(row)
+        self.log.append(row)
         bar.set_postfix(loss=f"{row.get('loss', float('nan')):.4g}", img_s=f"{row['images_per_s']:.3g}")
+        if self.is_main and self.log.explosion(lr):  # once per run: the loss diverged, lr is too high
+            record(self.run_dir, self.log.exploded)
         self.window.reset()

@@ -4,7 +4,10 @@ evaluation, the default way to save final weights, what `fit` returns, and the m
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+import signal
+import sys
+import threading
+from collections.abc import Callable, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,7 +16,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast_object_list, set_seed
 from diffusers.training_utils import EMAModel
 from safetensors.torch import save_model
 from torch import nn
@@ -155,3 +158,44 @@ def check_grads_synced(accelerator: Accelerator, params: list[torch.Tensor]) -> 
                            "is given through forward (models[name](...)); DistributedDataParallel synchronises "
                            "gradients only there, so calls like vae.encode() bypass it")
     return True
+
+
+@contextmanager
+def deferred_interrupt(on_interrupt: Callable[[], None]):
+    """A first Ctrl-C only calls `on_interrupt` (the loop then finishes its step, saves an 'interrupted'
+    checkpoint and stops); a second one raises KeyboardInterrupt at once. Main thread only."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous, seen = signal.getsignal(signal.SIGINT), []
+
+    def handler(signum: int, frame: Any) -> None:
+        if seen:
+            signal.signal(signal.SIGINT, previous)
+            raise KeyboardInterrupt
+        seen.append(signum)
+        on_interrupt()
+        print("\ninterrupt: finishing this step, then saving a checkpoint (interrupt again to stop at once)",
+              file=sys.stderr, flush=True)
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def on_main(accelerator: Accelerator, fn: Callable[[], Any]) -> Any:
+    """Run `fn` on the main process only and share its result, or its exception, with every process (so a refusal on
+    the main process stops all of them instead of leaving the others waiting at a barrier)."""
+    box: list[Any] = [None, None]
+    if accelerator.is_main_process:
+        try:
+            box[0] = fn()
+        except Exception as err:  # raised below, on every process
+            box[1] = err
+    if accelerator.num_processes > 1:
+        broadcast_object_list(box)
+    if box[1] is not None:
+        raise box[1]
+    return box[0]

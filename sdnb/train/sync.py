@@ -4,7 +4,10 @@ Training writes to the local `run_dir`; `Mirror` copies each complete checkpoint
 final weights to `sync_dir` without stalling the loop. Every copy goes to a temporary name and is
 renamed when complete (checkpoint markers are copied last), so the last good copy is never damaged.
 A failing target (Drive's "Transport endpoint is not connected", a full or read-only disk) is reported
-as a warning and a line in `run_dir/sync_errors.log`, and retried later; training goes on.
+as a warning and a line in `run_dir/sync_errors.log`, and retried later; training goes on, and a warning says when
+sync_dir has fallen behind by more than one checkpoint. Before each copy the mirror makes room at sync_dir as
+run_dir does before a save (`sdnb.train.space`); sync_dir is never created where a Drive is not mounted
+(`sdnb.data.folders.check_sync_dir`), and nothing more is written once another process has taken its lock.
 """
 
 from __future__ import annotations
@@ -15,22 +18,13 @@ import time
 import warnings
 from pathlib import Path
 
-from accelerate import Accelerator
-
+from sdnb.data.disk import folder_size
 from sdnb.data.files import copy_file_atomic, copy_tree_atomic
-from sdnb.train.checkpoint import checkpoint_name, find_latest, has_run, is_complete, list_checkpoints, \
-    marker_id, set_aside_newer, step_of
-
-
-def fetch_checkpoint(path: str | Path, run_dir: str | Path) -> Path:
-    """Copy a (mirrored) checkpoint into run_dir/checkpoints unless it is there already; returns the local path."""
-    path = Path(path)
-    local = Path(run_dir) / "checkpoints" / checkpoint_name(step_of(path))
-    if path.resolve() == local.resolve() or (is_complete(local) and marker_id(local) == marker_id(path)):
-        return local
-    local.parent.mkdir(parents=True, exist_ok=True)
-    copy_tree_atomic(path, local)
-    return local
+from sdnb.data.folders import check_sync_dir
+from sdnb.train.checkpoint import checkpoint_name, list_checkpoints, marker_id, prune, step_of
+from sdnb.train.lock import LockLost, RunLock
+from sdnb.train.resume import HISTORY
+from sdnb.train.space import MARGIN, make_room
 
 
 class Mirror:
@@ -38,9 +32,16 @@ class Mirror:
 
     ITEMS = ("checkpoints", "log", "final")
 
-    def __init__(self, run_dir: str | Path, sync_dir: str | Path, keep: int = 2, retry_seconds: float = 30.0):
+    def __init__(self, run_dir: str | Path, sync_dir: str | Path, keep: int = 2, retry_seconds: float = 30.0,
+                 lock: RunLock | None = None):
+        """`lock`: this run's lock of sync_dir, checked before each copy."""
         self.run_dir, self.sync_dir = Path(run_dir), Path(sync_dir)
-        self.keep, self.retry_seconds = keep, retry_seconds
+        self.keep, self.retry_seconds, self.run_lock = keep, retry_seconds, lock
+        self.saved: list[int] = []  # steps of the checkpoints the run saved while mirroring
+        self.mirrored = max((step_of(p) for p in list_checkpoints(self.sync_dir)), default=-1)
+        self._behind_told = 1
+        self.lost = False  # another process took sync_dir's lock: nothing more is copied
+        self.failing = False  # the last copy of checkpoints failed
         self.lock = threading.Lock()  # held while choosing local checkpoints to copy, and while pruning them
         self.errors: list[str] = []
         self._busy: set[Path] = set()
@@ -57,6 +58,13 @@ class Mirror:
             if not self._stop:
                 self._dirty.update(items)
                 self._cv.notify_all()
+
+    def checkpoint_saved(self, step: int) -> None:
+        """The run saved the checkpoint of `step`: mirror it soon."""
+        self.saved.append(step)
+        if self.failing:
+            self._tell_if_behind()
+        self.request("checkpoints", "log")
 
     def busy(self) -> set[Path]:
         """Local checkpoints being copied right now (call with `lock` held; do not delete these)."""
@@ -96,23 +104,38 @@ class Mirror:
                     return
 
     def _sync(self, item: str) -> bool:
+        if self.lost:
+            return True
         try:
-            self.sync_dir.mkdir(parents=True, exist_ok=True)
+            if self.run_lock is not None:
+                self.run_lock.check()  # LockLost: another process writes there now
+            check_sync_dir(self.sync_dir)  # never a "mirror" on the local disk of an unmounted Drive
             getattr(self, f"_sync_{item}")()
+            if item == "checkpoints":
+                self.failing, self._behind_told = False, 1
+            return True
+        except LockLost as err:  # never write over the other process's copies: stop mirroring
+            self._report(item, err, retry=False)
+            self.lost = True
             return True
         except Exception as err:  # never let the thread die: report and retry later
             self._report(item, err)
+            if item == "checkpoints":
+                self.failing = True
+                self._tell_if_behind()
             return False
         finally:
             self._busy = set()
 
     def _sync_log(self) -> None:
-        for name in ("log.csv", "config.json"):
+        for name in ("log.csv", "config.json", HISTORY):
             if (self.run_dir / name).exists():
                 copy_file_atomic(self.run_dir / name, self.sync_dir / name)
 
     def _sync_final(self) -> None:
         if (self.run_dir / "final").is_dir():
+            need = int(MARGIN * folder_size(self.run_dir / "final"))
+            make_room(self.sync_dir, need, "the final weights", protect=list_checkpoints(self.sync_dir)[-1:])
             copy_tree_atomic(self.run_dir / "final", self.sync_dir / "final")
 
     def _sync_checkpoints(self) -> None:
@@ -125,13 +148,25 @@ class Mirror:
                     if marker_id(remote_root / p.name) != marker_id(p)]
             self._busy = set(todo)
         for path in todo:
+            make_room(self.sync_dir, int(MARGIN * folder_size(path)), f"the copy of {path.name}")
             copy_tree_atomic(path, remote_root / path.name)
-        for old in list_checkpoints(self.sync_dir)[:-self.keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            self.mirrored = max(self.mirrored, step_of(path))
+        prune(self.sync_dir, self.keep)  # keeps the newest copy that verifies
 
-    def _report(self, item: str, err: Exception) -> None:
-        message = f"sync of {item} to {self.sync_dir} failed: {type(err).__name__}: {err}; " \
-                  f"retrying in {self.retry_seconds:.0f} s (training goes on)"
+    def _tell_if_behind(self) -> None:
+        """Warn when more than one checkpoint saved in run_dir is missing at sync_dir (once per new one missing)."""
+        missing = [s for s in self.saved if s > self.mirrored]
+        if len(missing) > self._behind_told:
+            self._behind_told = len(missing)
+            newest = checkpoint_name(self.mirrored) if self.mirrored >= 0 else "none"
+            warnings.warn(f"sync_dir {self.sync_dir} has fallen behind by {len(missing)} checkpoints: its newest is "
+                          f"{newest}, not copied: {', '.join(map(checkpoint_name, missing))} ({self.errors[-1]}). "
+                          f"Training goes on; the newest checkpoints in {self.run_dir} are complete", RuntimeWarning,
+                          stacklevel=2)
+
+    def _report(self, item: str, err: Exception, retry: bool = True) -> None:
+        message = f"sync of {item} to {self.sync_dir} failed: {type(err).__name__}: {err}; " + \
+            (f"retrying in {self.retry_seconds:.0f} s (training goes on)" if retry else "mirroring stopped")
         self.errors.append(message)
         warnings.warn(message, RuntimeWarning, stacklevel=2)
         try:
@@ -139,41 +174,3 @@ class Mirror:
                 f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
         except OSError:
             pass
-
-
-
-def resolve_resume(accelerator: Accelerator, resume: str, run_dir: str | Path, sync_dir: str = "") -> Path | None:
-    """The local checkpoint a run continues from, or None for a fresh run (call on every process).
-
-    resume="" refuses a run_dir or sync_dir that already holds a run; "latest" takes the newest complete
-    checkpoint in either folder (copied back from sync_dir after a Colab reset, with its log.csv); a path
-    names one. Checkpoints newer than the chosen one are renamed `abandoned-...` (a new timeline starts).
-    """
-    run_dir = Path(run_dir)
-    if not resume:
-        found = has_run(run_dir) + (has_run(sync_dir) if sync_dir else [])
-        if found:
-            raise FileExistsError(f"run_dir={str(run_dir)!r} (or its sync_dir) already holds a run ({found[0]}): "
-                                  "set resume='latest' to continue it, or choose a new run_dir")
-        return None
-    path = find_latest(run_dir, sync_dir) if resume == "latest" else Path(resume)
-    if path is None:
-        print(f"resume='latest': no complete checkpoint in {run_dir}{' or ' + sync_dir if sync_dir else ''}; "
-              "starting a fresh run", flush=True)
-        return None
-    if not is_complete(path):
-        raise FileNotFoundError(f"resume={resume!r} is not a complete checkpoint folder (step-NNNNNN with a "
-                                "completion marker); resume='latest' picks the newest complete one")
-    step = step_of(path)
-    if accelerator.is_main_process:
-        fetch_checkpoint(path, run_dir)  # after a Colab reset only the Drive copy is left
-        if sync_dir and not (run_dir / "log.csv").exists() and (Path(sync_dir) / "log.csv").exists():
-            copy_file_atomic(Path(sync_dir) / "log.csv", run_dir / "log.csv")
-        for root in [run_dir] + ([Path(sync_dir)] if sync_dir else []):
-            try:
-                set_aside_newer(root, step)
-            except OSError as err:
-                print(f"could not set aside checkpoints newer than step {step} in {root}: {err}", flush=True)
-    accelerator.wait_for_everyone()
-    print(f"resuming from {path} (step {step})", flush=True)
-    return run_dir / "checkpoints" / checkpoint_name(step)

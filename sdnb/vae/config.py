@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from sdnb.config import ConfigError, param
-from sdnb.train.config import OPTIMIZERS, TrainConfig
+from sdnb.data.folders import overlap
+from sdnb.train.config import MAX_LR, OPTIMIZERS, TrainConfig
 
 # Named VAE recipes. Every value shows in 02's parameters cell; None there = the recipe's.
 VAE_RECIPES: dict[str, dict[str, Any]] = {
@@ -48,7 +49,7 @@ class VAEConfig(TrainConfig):
     recipe: str = param("sdnb", choices=tuple(VAE_RECIPES), help="fills every value left at None")
     trainable: str | None = param(None, choices=("all", "decoder"))
     optimizer: str | None = param(None, choices=OPTIMIZERS)
-    lr: float | None = param(None, gt=0, le=1)
+    lr: float | None = param(None, gt=0, le=MAX_LR)
     weight_decay: float | None = param(None, ge=0)
     batch_size: int | None = param(None, ge=1)
     grad_accum: int | None = param(None, ge=1)
@@ -76,6 +77,15 @@ class VAEConfig(TrainConfig):
             if getattr(self, name) is None:
                 setattr(self, name, value)
         super().validate()
+        if self.patches_per_epoch < self.batch_size:
+            raise ConfigError(f"patches_per_epoch={self.patches_per_epoch} is not accepted with batch_size="
+                              f"{self.batch_size}: an epoch would hold no full batch; set patches_per_epoch >= "
+                              "batch_size")
+        if self.val_image_dir and overlap(self.image_dir, self.val_image_dir):
+            raise ConfigError(f"val_image_dir={self.val_image_dir!r} is not accepted: it is, contains or lies inside "
+                              f"image_dir={self.image_dir!r}, so the held-out metrics would be measured on training "
+                              "images; choose a separate folder, or val_image_dir='' to hold out val_fraction of "
+                              "image_dir by image")
         if self.cache_latents and self.trainable != "decoder":
             raise ConfigError("cache_latents=True is not accepted with trainable='all': cached latents need a frozen "
                               "encoder (set trainable='decoder' or recipe='ft-mse')")

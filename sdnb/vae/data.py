@@ -163,9 +163,10 @@ class VAEData:
 def prepare_data(cfg) -> VAEData:
     """List and check the images of a `VAEConfig` (before any model loads), split them by image, cut the fixed
     held-out patches."""
-    train_paths = [r.path for r in find_images(cfg.image_dir, "image_dir")]
+    run_dir = Path(cfg.run_dir)  # each file left out of a scan, with its reason: skipped.csv, skipped_val.csv
+    train_paths = [r.path for r in find_images(cfg.image_dir, "image_dir", run_dir / "skipped.csv")]
     if cfg.val_image_dir:
-        val_paths = [r.path for r in find_images(cfg.val_image_dir, "val_image_dir")]
+        val_paths = [r.path for r in find_images(cfg.val_image_dir, "val_image_dir", run_dir / "skipped_val.csv")]
     elif len(train_paths) < 2:
         raise ValueError(f"image_dir={cfg.image_dir!r} holds {len(train_paths)} image: at least 2 are needed to hold "
                          "one out; set val_image_dir")

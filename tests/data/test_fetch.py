@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from sdnb.data.download import DownloadError
 from sdnb.data.fetch import (
     ChecksumError, UnsafeArchiveError, download, extract, fetch, fetch_unsplash_lite, read_manifest,
     unsplash_image_url,
@@ -33,6 +34,9 @@ class Server:
         self.drop_first_after: int | None = None  # bytes sent before the connection is cut
         self.ignore_range = False
         self.fail_first: int = 0  # this many 503 answers first
+        self.content_type = "application/octet-stream"
+        self.redirects: dict[str, str] = {}  # path -> Location
+        self.cut_always: int | None = None  # every body ends after this many bytes (Content-Length says more)
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -49,6 +53,12 @@ class Server:
                     self.send_header("Content-Length", "0")
                     self.end_headers()
                     return
+                if self.path in server.redirects:
+                    self.send_response(302)
+                    self.send_header("Location", server.redirects[self.path])
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 data = server.files.get(self.path.split("?")[0])
                 if data is None:
                     self.send_response(404)
@@ -62,9 +72,15 @@ class Server:
                 body = data[start:]
                 self.send_response(status)
                 self.send_header("Content-Length", str(len(body)))
+                self.send_header("Content-Type", server.content_type)
                 if status == 206:
                     self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
                 self.end_headers()
+                if server.cut_always is not None:
+                    self.wfile.write(body[:server.cut_always])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    return
                 if server.drop_first_after is not None:
                     cut, server.drop_first_after = server.drop_first_after, None
                     self.wfile.write(body[:cut])
@@ -140,6 +156,34 @@ def test_second_call_makes_no_request(server, tmp_path):
     download(url, tmp_path / "blob.bin", sha256=BLOB_SHA)
     download(url, tmp_path / "blob.bin")  # without a checksum too: the stamp says it is complete
     assert len(server.requests) == 1
+
+
+def test_a_stamp_for_an_older_hash_is_not_accepted_under_a_new_one(server, tmp_path):
+    url, path = f"{server.url}/blob.bin", tmp_path / "blob.bin"
+    download(url, path, sha256=BLOB_SHA)
+    assert (tmp_path / "blob.bin.sha256").read_text() == f"{BLOB_SHA} {len(BLOB)} blob.bin {url}\n"  # size, hash, URL
+    newer = os.urandom(len(BLOB))  # the data set was re-released: same size, new hash
+    server.files["/blob.bin"] = newer
+    download(url, path, sha256=hashlib.sha256(newer).hexdigest())
+    assert path.read_bytes() == newer and len(server.requests) == 2
+    assert (tmp_path / "blob.bin.bad").read_bytes() == BLOB  # the older file set aside, not used
+
+
+def test_without_a_checksum_a_web_page_a_truncated_body_and_a_redirect_loop_are_refused(server, tmp_path):
+    server.content_type = "text/html; charset=utf-8"  # a login wall or a "confirm download" page
+    with pytest.raises(DownloadError) as err:
+        download(f"{server.url}/blob.bin", tmp_path / "a.bin", backoff=0.01)
+    assert str(err.value) == (f"{server.url}/blob.bin: the server sent a web page (Content-Type: text/html) instead "
+                              "of a.bin: the link may need a login or a confirmation (Google Drive's virus-scan page), "
+                              "or has moved; open it in a browser and use the file's direct link")
+    assert not (tmp_path / "a.bin").exists() and len(server.requests) == 1  # not retried
+    server.content_type, server.cut_always, server.ignore_range = "application/zip", 1000, True  # always cut short
+    with pytest.raises(ConnectionError, match="failed 3 times in a row"):
+        download(f"{server.url}/blob.bin", tmp_path / "b.bin", retries=2, backoff=0.01)
+    assert not (tmp_path / "b.bin").exists()  # never taken for the file
+    server.redirects = {"/loop": "/loop"}
+    with pytest.raises(DownloadError, match=f"^{server.url}/loop: too many redirects \\(over 30: a redirect loop, via "):
+        download(f"{server.url}/loop", tmp_path / "c.bin", backoff=0.01)
 
 
 def _tar_bytes(members: list[tarfile.TarInfo], payload: bytes = b"x") -> bytes:
@@ -260,6 +304,26 @@ def test_rar_goes_through_an_external_tool_with_the_same_checks(tmp_path, monkey
         with pytest.raises(UnsafeArchiveError, match=match):
             extract(archive, tmp_path / "out")
         assert not (tmp_path / "out").exists() and not (tmp_path / ".out.extracting").exists()
+
+
+def test_an_archive_that_expands_past_the_limit_is_refused_before_writing(tmp_path):
+    archive = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
+        for i in range(3):
+            zf.writestr(f"zeros{i}.bin", b"\0" * 10_000_000)  # 30 MB of zeros, ~30 kB compressed
+    size = archive.stat().st_size
+    with pytest.raises(UnsafeArchiveError) as err:
+        extract(archive, tmp_path / "out", max_bytes=100 * size)
+    assert str(err.value) == (f"bomb.zip: its files would take 0.030 GB once extracted, over the limit of "
+                              f"{100 * size / 1e9:.3f} GB (max_bytes; by default 100x the archive's size): a zip bomb? "
+                              "Refusing to extract; pass a larger max_bytes if this size is expected")
+    assert not (tmp_path / "out").exists() and not (tmp_path / ".out.extracting").exists()
+    assert len(extract(archive, tmp_path / "out", max_bytes=30_000_000)) == 3  # a limit it fits in
+    tar = tmp_path / "bomb.tar.gz"
+    with tarfile.open(tar, "w:gz") as tf:
+        tf.add(tmp_path / "out" / "zeros0.bin", "zeros0.bin")
+    with pytest.raises(UnsafeArchiveError, match="bomb.tar.gz: its files would take 0.010 GB once extracted"):
+        extract(tar, tmp_path / "out2", max_bytes=1_000_000)
 
 
 def test_fetch_by_name_downloads_extracts_and_is_idempotent(server, tmp_path):

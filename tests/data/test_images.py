@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import os
 import struct
+import threading
 import zlib
 from pathlib import Path
 
@@ -12,7 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sdnb.data.images import load_rgb, make_training_copies, scan, write_skipped_csv
+from sdnb.data import walk
+from sdnb.data.images import find_images, load_rgb, make_training_copies, scan, write_skipped_csv
 
 BOMB_PIXELS = 100_000  # max_pixels for the scan: only big.png (400x400) is above it
 
@@ -146,8 +149,10 @@ def test_training_copies_resize_keep_layout_and_leave_originals(corpus, result, 
 
     stamp = {p: p.stat().st_mtime_ns for p in paths}
     (out / "cmyk.jpg").unlink()  # as if the first run stopped before this one
+    (out / "good.txt").write_text("a caption the reviewer edited")  # in run_dir/train, not in the original folder
     again = make_training_copies(result.ok, out, long_side=32)
     assert again == paths and (out / "cmyk.jpg").is_file()
+    assert (out / "good.txt").read_text() == "a caption the reviewer edited"  # the original's .txt never wins
     assert all(p.stat().st_mtime_ns == stamp[p] for p in paths if p.name != "cmyk.jpg")  # kept, not redone
     assert _hashes(corpus) == before
 
@@ -162,3 +167,42 @@ def test_same_stem_different_extension_do_not_collide(tmp_path):
 def test_scan_of_missing_folder_names_it(tmp_path):
     with pytest.raises(NotADirectoryError, match="nowhere"):
         scan(tmp_path / "nowhere")
+
+
+def test_hostile_entries_never_stop_or_hang_a_scan_and_each_is_listed(tmp_path, monkeypatch, capsys):
+    """A link loop, a dangling link, a FIFO named *.png, a folder link back to its parent, an unreadable folder."""
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(tmp_path / "a.png")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "locked").mkdir()
+    Image.new("RGB", (8, 8), (0, 255, 0)).save(tmp_path / "sub" / "b.png")
+    Image.new("RGB", (8, 8), (0, 0, 255)).save(tmp_path / "locked" / "c.png")
+    os.symlink("loop.png", tmp_path / "loop.png")
+    os.symlink("missing.png", tmp_path / "dangling.png")
+    os.mkfifo(tmp_path / "pipe.png")  # opening it would block until someone writes
+    os.symlink("..", tmp_path / "sub" / "up")
+    real_scandir = os.scandir
+
+    def scandir(path):  # root reads every folder, so the unreadable one is simulated
+        if Path(path).name == "locked":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(walk.os, "scandir", scandir)
+    found = []
+    scanner = threading.Thread(target=lambda: found.append(find_images(tmp_path, skipped_csv=tmp_path / "s.csv",
+                                                                       progress=False)), daemon=True)
+    scanner.start()
+    scanner.join(60)
+    if scanner.is_alive():  # release the blocked open before failing
+        os.close(os.open(tmp_path / "pipe.png", os.O_WRONLY | os.O_NONBLOCK))
+        pytest.fail("the scan hung")
+    assert [r.relpath for r in found[0]] == ["a.png", "sub/b.png"]
+    with open(tmp_path / "s.csv", newline="") as f:
+        reasons = dict(list(csv.reader(f))[1:])
+    assert reasons == {
+        "dangling.png": "dangling symbolic link (to missing.png, which does not exist)",
+        "locked/": "unreadable folder (PermissionError: Permission denied): its images are left out",
+        "loop.png": "symbolic link loop",
+        "pipe.png": "not a regular file (a FIFO): not opened",
+        "sub/up/": f"symbolic link loop (or a second link): leads to {os.path.realpath(tmp_path)}, already scanned"}
+    assert "skipped locked/: unreadable folder" in capsys.readouterr().out

@@ -125,7 +125,7 @@ def test_two_stages_continue_the_step_count_and_the_final_pipeline_loads(sd_dir,
     assert sorted(p.name for p in (run / "samples").glob("step-*.png")) == \
         ["step-000000.png", "step-000003.png", "step-000006.png"]
     stage2 = config(run, sd_dir, captioned, sync_dir=str(drive), sync_what="weights", keep_checkpoints=1,
-                    resume="latest", max_steps=9, lr=5e-5)
+                    resume="latest", max_steps=9, lr=5e-5, vae_path=str(sd_dir))  # the same VAE: a refused change
     train_from_config(stage2.to_dict())
     rows = read_log(run / "log.csv")
     assert [r["step"] for r in rows if "loss" in r] == list(range(1, 10))  # the count went on from 6

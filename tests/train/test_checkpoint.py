@@ -15,6 +15,7 @@ from tests.train.harness import HERE, logged, max_abs_diff, train
 
 from sdnb.train.logs import read_log
 from sdnb.train.checkpoint import MARKER, find_latest, is_complete, list_checkpoints, prune, read_state
+from sdnb.train.resume import ResumeError
 
 
 def test_sigkill_while_writing_a_checkpoint_leaves_the_previous_one_and_resume_picks_it(tmp_path: Path) -> None:
@@ -66,5 +67,5 @@ def test_resume_from_an_older_checkpoint_sets_newer_ones_aside(tmp_path: Path) -
     assert read_state(tmp_path / "checkpoints/step-000010")["settings"]["lr"] == 1e-3  # the new timeline's
     assert len(list(tmp_path.glob("checkpoints/abandoned-step-000010-*"))) == 1
     assert [r["lr"] for r in read_log(tmp_path / "log.csv") if "lr" in r] == [2e-3] * 2 + [1e-3] * 6  # rows at 2, 4 | 6 ... 14, 15
-    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+    with pytest.raises(ResumeError, match="checkpoints' cannot be resumed: not a checkpoint folder"):
         train(tmp_path, resume=str(tmp_path / "checkpoints"))
