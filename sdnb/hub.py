@@ -83,12 +83,12 @@ def model_card(run_dir: str | Path, repo_id: str, compare_dir: str | Path = "") 
                          pipeline_tag=None if stage == "vae" else "text-to-image",
                          tags=["stable-diffusion", "sdnb"] + (["lora"] if lora else ["vae"] if stage == "vae" else []),
                          **({"base_model_relation": "adapter"} if lora else {}))
-    data = Path(config.get("image_dir") or config.get("data_dir") or "unknown").name
+    data = "/".join(Path(config.get("image_dir") or config.get("data_dir") or "unknown").parts[-2:])  # no local path
     usage = {True: f'pipe = StableDiffusionPipeline.from_pretrained("{base}")\npipe.load_lora_weights("{repo_id}")',
              False: f'vae = AutoencoderKL.from_pretrained("{repo_id}")' if stage == "vae"
              else f'pipe = StableDiffusionPipeline.from_pretrained("{repo_id}")'}[lora]
     lines = ["---", meta.to_yaml(), "---", "", f"# {repo_id.split('/')[-1]}", "",
-             f"{kind.capitalize()} `{base}`, trained with sdnb for {steps} steps on the images "
+             f"{kind[0].upper()}{kind[1:]} `{base}`, trained with sdnb for {steps} steps on the images "
              f"of `{data}`.", "", "## Use", "", "```python", "from diffusers import AutoencoderKL, StableDiffusionPipeline",
              usage, "```", "", "## Recipe", ""]
     lines += [f"- {k}: {config[k]}" for k in RECIPE.get(stage, ()) if k in config] + [f"- steps: {steps}", ""]

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import socket
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,9 +17,9 @@ from safetensors import safe_open
 from transformers import CLIPTextModel
 
 from sdnb.export import detect, main
-from sdnb.lora import (LORA_WEIGHTS, TEXT_TARGETS, UNET_TARGETS, add_lora, count_parameters, estimate_lora_parameters,
-                       lora_to_kohya, save_lora)
+from sdnb.lora import LORA_WEIGHTS, count_parameters, estimate_lora_parameters, lora_to_kohya
 from sdnb.models import LORA_META, load_pipeline
+from tests.helpers import lora_run
 
 
 @pytest.fixture
@@ -31,23 +30,6 @@ def no_network(monkeypatch):
 
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setattr(socket, "create_connection", refuse)
-
-
-def lora_run(sd: Path, run: Path, alpha: float = 8.0) -> StableDiffusionPipeline:
-    """A LoRA run folder as 03 leaves it (final/ with the adapters of UNet and text encoder, random B so that every
-    delta is non-zero); returns the pipeline holding the adapters."""
-    pipe = StableDiffusionPipeline.from_pretrained(sd, safety_checker=None, requires_safety_checker=False)
-    torch.manual_seed(0)
-    for model, targets in ((pipe.unet, UNET_TARGETS), (pipe.text_encoder, TEXT_TARGETS)):
-        add_lora(model, 4, alpha, targets)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "lora_B" in name:
-                    p.normal_(0, 0.5)
-    (run / "final").mkdir(parents=True)
-    save_lora(run / "final", pipe.unet, pipe.text_encoder, {"model_id": str(sd), "model_config": "", "vae_path": ""})
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def adapters(pipe: StableDiffusionPipeline, name: str) -> dict[str, torch.Tensor]:
