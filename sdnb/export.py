@@ -97,4 +97,7 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (FileNotFoundError, FileExistsError, ValueError) as err:  # a message, not a traceback
+        raise SystemExit(f"error: {err}") from None

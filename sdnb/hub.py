@@ -144,4 +144,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (FileNotFoundError, PermissionError) as err:  # a message, not a traceback
+        raise SystemExit(f"error: {err}") from None

@@ -182,3 +182,14 @@ def test_sd15_shapes_export_to_the_original_checkpoint_layout():
 def test_keys_outside_the_sd_v1_layout_are_refused():
     with pytest.raises(ValueError, match="add_embedding"):
         unet_to_ldm({"conv_in.weight": torch.zeros(1), "add_embedding.linear_1.weight": torch.zeros(1)})
+
+
+def test_a_single_file_without_its_configuration_says_to_set_model_config(tiny_single_file, tmp_path, no_network,
+                                                                         monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # as on a machine without network: nothing cached to guess from
+    with pytest.raises(ValueError, match=r"model_id=.*tiny-sd.safetensors.*without model_config.*set model_config"):
+        load_pipeline(str(tiny_single_file))
+    with pytest.raises(FileNotFoundError, match=r"model_config='.*nowhere' is neither a folder nor a hub id"):
+        load_vae(str(tiny_single_file), config=str(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError, match=r"model_config=.*no diffusers pipeline there"):
+        load_pipeline(str(tiny_single_file), config=str(tmp_path))
