@@ -17,10 +17,13 @@ NEEDS = {"01_captioning": (), "02_vae_finetune": (), "03_sd_finetune": ("01_capt
 class Chain:
     """The notebooks as `make demo` runs them (shorter training), each run once, on first need, after what it reads."""
 
-    def __init__(self, assets, out):
+    def __init__(self, assets, out, single_file=None):
         self.out, self.params, self.done = out, demo_parameters(assets, out, scale=0.7), set()
         # 02 on 32 px patches: 4x cheaper per step than the demo's 64 px; 16 held-out patches (no rFID)
         self.params["02_vae_finetune"].update(patch_size=32, max_steps=80, n_val_patches=16, tile_size=128)
+        if single_file:  # the base model as one .safetensors file (configuration from its folder), TensorBoard on
+            self.params["02_vae_finetune"].update(model_id=str(single_file), model_config=str(assets.sd),
+                                                  log_with="tensorboard")
 
     def run(self, name: str):
         for need in NEEDS[name]:
@@ -32,8 +35,8 @@ class Chain:
 
 
 @pytest.fixture(scope="session")
-def chain_runner(tiny_assets, tmp_path_factory):
-    return Chain(tiny_assets, tmp_path_factory.mktemp("chain"))
+def chain_runner(tiny_assets, tmp_path_factory, tiny_single_file):
+    return Chain(tiny_assets, tmp_path_factory.mktemp("chain"), tiny_single_file)
 
 
 @pytest.fixture()
@@ -64,6 +67,24 @@ def test_02_final_vae_loads_and_drops_into_the_pipeline(vae_run, tiny_assets):
     image = pipe("a photo", num_inference_steps=2, height=64, width=64, output_type="np",
                  generator=torch.Generator().manual_seed(0)).images[0]
     assert image.shape == (64, 64, 3) and (image == image).all()
+
+
+def test_02_from_a_single_file_exports_one_file_and_logs_to_tensorboard(vae_run, tiny_assets):
+    from diffusers import AutoencoderKL
+
+    from sdnb.models import load_vae
+    from tests.helpers import tensorboard_events
+
+    out, params = vae_run
+    run = out / "02_vae_finetune"
+    assert params["02_vae_finetune"]["model_id"].endswith(".safetensors")
+    tuned = AutoencoderKL.from_pretrained(run / "final")
+    exported = load_vae(str(run / "export" / "02_vae_finetune.vae.safetensors"), config=str(tiny_assets.sd))
+    assert all(torch.equal(v, exported.state_dict()[k]) for k, v in tuned.state_dict().items())
+    scalars, images = tensorboard_events(run / "sdnb")
+    steps = [s for s, _ in scalars["val_psnr"]]
+    assert steps[-1] == params["02_vae_finetune"]["max_steps"] and len(scalars["loss"]) >= 4
+    assert [s for s, *_ in images["heldout_reconstructions"]] == steps
 
 
 def test_02_loss_falls(vae_run):

@@ -23,7 +23,10 @@ class CompareConfig(BaseConfig):
     stage: ClassVar[str] = "compare"
 
     base_model_id: str = param("stable-diffusion-v1-5/stable-diffusion-v1-5", pattern=r".+")
-    finetuned_model: str = param("runs/03_sd_finetune/final", help="a run folder of 03, a pipeline folder or a hub id")
+    model_config: str = param("", help="for single .safetensors/.ckpt files among the models: the base model's folder or "
+                                       "hub id holding their configuration; '' = diffusers guesses it (needs the network)")
+    finetuned_model: str = param("runs/03_sd_finetune/final",
+                                 help="a run folder of 03 (a LoRA run: base + adapter), a pipeline folder or file, a hub id")
     base_vae: str = param("CompVis/stable-diffusion-v1-4", help="hub id or folder (subfolder 'vae' is tried)")
     finetuned_vae: str = param("runs/02_vae_finetune/final", help="a run folder of 02 or a VAE folder")
     image_dir: str = param("data/FIVES/test/Original", help="held-out images for the VAE comparison")

@@ -113,8 +113,9 @@ class GenerationSetup:
 def prepare_generation(cfg: CompareConfig, device: torch.device | str, precision: str) -> GenerationSetup:
     """Load the base and fine-tuned pipelines, find the training images (`train_data_dir` or the 03 run's
     `data_dir`) and choose `n_images` prompts (given, or the training captions cycled) with seeds seed + i."""
-    pipes = {"base": load_pipeline(cfg.base_model_id, device, precision, "base_model_id"),
-             "finetuned": load_pipeline(cfg.finetuned_model, device, precision, "finetuned_model")}
+    pipes = {"base": load_pipeline(cfg.base_model_id, device, precision, "base_model_id", config=cfg.model_config),
+             "finetuned": load_pipeline(cfg.finetuned_model, device, precision, "finetuned_model",
+                                        config=cfg.model_config)}
     data_dir = training_data_dir(cfg.finetuned_model, cfg.train_data_dir)
     train_images, captions = training_set(data_dir, cfg.resolution) if data_dir else (None, [])
     if train_images is None:

@@ -19,7 +19,11 @@ class SDConfig(TrainConfig):
 
     data_dir: str = param("runs/01_captioning/train", pattern=r".+", help="images with .txt caption sidecars")
     model_id: str = param("stable-diffusion-v1-5/stable-diffusion-v1-5", pattern=r".+")
-    vae_path: str = param("", help="a fine-tuned VAE (a 02 run folder or a VAE folder); '' = the base VAE")
+    vae_path: str = param("", help="a fine-tuned VAE (a 02 run folder, a VAE folder or file); '' = the base VAE")
+    model_config: str = param("", help="for a single .safetensors/.ckpt model_id or vae_path: the base model's folder or "
+                                       "hub id holding its configuration; '' = diffusers guesses it (needs the network)")
+    lora_rank: int = param(0, ge=0, le=1024, help="0 = fine-tune the whole UNet; > 0 = train a LoRA of this rank (peft)")
+    lora_alpha: float = param(0.0, ge=0, help="LoRA scale alpha / rank; 0 = lora_rank (scale 1, as diffusers' trainer)")
     resolution: int = param(512, ge=64, multiple_of=64)
     val_fraction: float = param(0.1, ge=0, le=0.5, help="share of the images held out, by image, seeded")
     crop_jitter: float = param(0.02, ge=0, le=0.2, help="random crop shrink and shift, share of the short side")
@@ -41,6 +45,9 @@ class SDConfig(TrainConfig):
     save_best: bool = param(True, help="keep the fp16 UNet of the lowest validation loss in run_dir/best")
     sync_what: str = param("auto", choices=("auto", "full", "weights"),
                            help="mirror full training states or fp16 UNet weights; auto = full if it fits")
+    export_single_file: bool = param(True, help="also write the result as one .safetensors file (run_dir/export)")
+    hub_repo_id: str = param("", pattern=r"|[\w.-]+/[\w.-]+", help="push final/ with a model card there; '' = off")
+    hub_private: bool = param(True, help="create the Hub repository as private")
     # the training loop's fields, with EveryDream2's defaults (the seed's recipe)
     lr: float = param(1e-6, gt=0, le=MAX_LR)
     optimizer: str = param("auto", choices=OPTIMIZERS, help="auto = 8-bit AdamW on a GPU with bitsandbytes, else AdamW")

@@ -14,33 +14,48 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 from torch import nn
 
 from sdnb.data.captions import read_captions
 from sdnb.data.images import split_by_image
+from sdnb.lora import count_parameters, has_lora, save_lora
+from sdnb.models import is_hub_id
 from sdnb.runtime import weights_dtype
 from sdnb.sd.buckets import BucketDataset
 from sdnb.sd.config import SDConfig
 from sdnb.sd.data import ImageLatents, build_datasets
 from sdnb.sd.model import SDParts, StableValidation, load_parts, make_step_fn, trainable_models
-from sdnb.sd.outputs import WeightsMirror, drive_budget, overfit_report, save_unet_fp16, training_summary
+from sdnb.sd.outputs import WeightsMirror, drive_budget, overfit_report, save_weights, training_summary
 from sdnb.sd.plot import plot_validation
 from sdnb.sd.samples import render_samples, sample_sheet
 from sdnb.stats import write_metrics
 from sdnb.train import Trainer, TrainResult
 from sdnb.train.checkpoint import checkpoint_name, list_checkpoints, step_of
 from sdnb.train.logs import read_log
+from sdnb.train.trackers import log_images
 from sdnb.viz import save
+
+
+def base_model(cfg: SDConfig) -> dict[str, str]:
+    """How a LoRA run's adapter names its base model (sdnb_lora.json): model_id, model_config and vae_path, local
+    paths made absolute so that 04 finds them from anywhere."""
+    def where(ref: str) -> str:
+        return ref if not ref or is_hub_id(ref) or "://" in ref else str(Path(ref).resolve())
+
+    return {"model_id": where(cfg.model_id), "model_config": where(cfg.model_config), "vae_path": where(cfg.vae_path)}
 
 
 class Callbacks:
     """`evaluate`, `sample` and `save_final` for Trainer.fit, on the main process with unwrapped (EMA) models."""
 
     def __init__(self, cfg: SDConfig, parts: SDParts, validation: StableValidation | None, unwrap: Callable,
-                 weights_sync_dir: str = ""):
-        """`weights_sync_dir`: mirror fp16 UNet weights there at every checkpoint (main process only)."""
+                 weights_sync_dir: str = "", accelerator: Any = None):
+        """`weights_sync_dir`: mirror fp16 UNet weights (a LoRA: the adapter) there at every checkpoint (main process
+        only); `accelerator`: the run's, whose trackers (log_with) get the sample grids."""
         self.cfg, self.parts, self.validation, self.unwrap = cfg, parts, validation, unwrap
-        self.run_dir = Path(cfg.run_dir)
+        self.run_dir, self.accelerator = Path(cfg.run_dir), accelerator
+        self.base = base_model(cfg)
         self.warned = False
         self.mirror = WeightsMirror(self.run_dir, weights_sync_dir, keep=cfg.keep_checkpoints) if weights_sync_dir else None
 
@@ -54,7 +69,7 @@ class Callbacks:
         best_json = self.run_dir / "best" / "best.json"
         best = json.loads(best_json.read_text())["val_loss"] if best_json.exists() else math.inf
         if self.cfg.save_best and loss < best:
-            save_unet_fp16(unet, self.run_dir / "best" / "unet")
+            save_weights(unet, text_encoder, self.run_dir / "best", self.base)
             best_json.write_text(json.dumps({"step": step, "val_loss": loss}))
         rows = read_log(self.run_dir / "log.csv") + [{"step": step, "val_loss": loss}]
         report = overfit_report(self.run_dir, self.cfg.overfit_patience, rows)
@@ -64,20 +79,23 @@ class Callbacks:
         return {"loss": loss}
 
     def sample(self, models: dict[str, nn.Module], step: int, path: Path) -> None:
-        """Sample grid at this step (samples/step-N.png); with weights-only sync, the fp16 UNet to weights/step-N."""
+        """Sample grid at this step (samples/step-N.png, also to the trackers); with weights-only sync, the fp16 UNet
+        (or the LoRA adapter) to weights/step-N."""
         unet, text_encoder = self._models(models)
-        self._render(unet, text_encoder, step)
+        grid = self._render(unet, text_encoder, step)
+        if grid is not None and self.accelerator is not None:
+            log_images(self.accelerator, {"samples": Image.open(grid)}, step)
         if self.mirror:
-            save_unet_fp16(unet, self.run_dir / "weights" / checkpoint_name(step) / "unet")
+            save_weights(unet, text_encoder, self.run_dir / "weights" / checkpoint_name(step), self.base)
             for old in sorted((self.run_dir / "weights").glob("step-*"), key=step_of)[:-self.cfg.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
             self.mirror.request("weights", "log")
 
-    def _render(self, unet: nn.Module, text_encoder: nn.Module | None, step: int) -> None:
+    def _render(self, unet: nn.Module, text_encoder: nn.Module | None, step: int) -> Path | None:
         cfg = self.cfg
         if not cfg.sample_prompts:
-            return
-        render_samples(self.parts.pipeline(unet, text_encoder), cfg.sample_prompts, cfg.sample_cfg_scales,
+            return None
+        return render_samples(self.parts.pipeline(unet, text_encoder), cfg.sample_prompts, cfg.sample_cfg_scales,
                        self.run_dir / "samples" / checkpoint_name(step), cfg.seed, cfg.sample_steps, cfg.resolution,
                        cfg.negative_prompt, title=f"step {step}")
 
@@ -95,8 +113,12 @@ class Callbacks:
             self.parts.unet.train(training)
 
     def save_final(self, models: dict[str, nn.Module], path: Path) -> None:
-        """The whole pipeline (fine-tuned UNet, the text encoder and VAE used) in fp32 safetensors."""
+        """The whole pipeline (fine-tuned UNet, the text encoder and VAE used) in fp32 safetensors; for a LoRA run
+        the adapter in diffusers' format and the base model it adapts (`sdnb.lora.save_lora`)."""
         unet, text_encoder = self._models(models)
+        if has_lora(unet):
+            save_lora(path, unet, text_encoder, self.base)
+            return
         te = text_encoder or self.parts.text_encoder
         dtypes = {m: m.dtype for m in (self.parts.vae, te) if m.dtype != torch.float32}  # half on a GPU
         for m in dtypes:
@@ -115,6 +137,19 @@ class Callbacks:
             self.mirror.close()
 
 
+def report_trainable(cfg: SDConfig, models: dict[str, nn.Module], show: bool = True) -> dict[str, int]:
+    """Print (when `show`) and return how many parameters train (the optimizer and the checkpoints hold only these)."""
+    n = count_parameters(models)
+    if show:
+        what = f"LoRA rank {cfg.lora_rank} (alpha {cfg.lora_alpha or cfg.lora_rank:g})" if cfg.lora_rank else "full fine-tune"
+        print(f"{what} of {' and '.join(models)}: {n['trainable']:,} trainable parameters of {n['total']:,} "
+              f"({100 * n['trainable'] / max(n['total'], 1):.2f}%)", flush=True)
+        if cfg.lora_rank and cfg.lr < 1e-5:
+            print(f"note: lr={cfg.lr:g} suits a full fine-tune; LoRA usually trains at 1e-4 (diffusers' "
+                  "train_text_to_image_lora.py)", flush=True)
+    return n
+
+
 def finetune(cfg: SDConfig, parts: SDParts, train_ds: BucketDataset, batches: Callable[[int], list[list[int]]],
              val_ds: BucketDataset) -> TrainResult:
     """Fine-tune `parts` on the datasets `build_datasets` made, through the shared loop; returns its `TrainResult`.
@@ -128,13 +163,15 @@ def finetune(cfg: SDConfig, parts: SDParts, train_ds: BucketDataset, batches: Ca
     # with weights-only sync the loop mirrors nothing; the callbacks mirror fp16 UNet weights
     trainer = Trainer(replace(cfg, sync_dir="") if sync_what == "weights" else cfg, config=cfg.to_dict())
     device = trainer.device
-    models = trainable_models(parts, cfg.train_text_encoder, cfg.gradient_checkpointing)
+    models = trainable_models(parts, cfg.train_text_encoder, cfg.gradient_checkpointing, cfg.lora_rank, cfg.lora_alpha)
     parts.to(device, weights_dtype(trainer.accelerator.mixed_precision, device))
+    report_trainable(cfg, models, trainer.is_main)
     if cfg.cache_latents:
         train_ds = ImageLatents(train_ds, parts, device, embeddings=not cfg.train_text_encoder)
     callbacks = Callbacks(cfg, parts, StableValidation(parts, val_ds, cfg.seed) if len(val_ds) else None,
                           trainer.accelerator.unwrap_model,
-                          weights_sync_dir=cfg.sync_dir if sync_what == "weights" and trainer.is_main else "")
+                          weights_sync_dir=cfg.sync_dir if sync_what == "weights" and trainer.is_main else "",
+                          accelerator=trainer.accelerator)
     if trainer.is_main:
         callbacks.base_samples(trainer.accelerator.autocast())
     try:
@@ -151,7 +188,7 @@ def train_from_config(config: dict) -> TrainResult:
     cfg = SDConfig.from_dict(config)
     train, val = split_by_image(read_captions(cfg.data_dir, progress=False), cfg.val_fraction, cfg.seed)
     print(f"{len(train)} training images, {len(val)} validation images", flush=True)
-    parts = load_parts(cfg.model_id, cfg.vae_path)
+    parts = load_parts(cfg.model_id, cfg.vae_path, cfg.model_config)
     print(drive_budget(cfg, parts), flush=True)
     result = finetune(cfg, parts, *build_datasets(cfg, train, val))
     save(plot_validation(cfg.path, patience=cfg.overfit_patience), cfg.path / "grids" / "loss.png", close=True)

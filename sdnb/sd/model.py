@@ -17,6 +17,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNe
 from diffusers.training_utils import compute_snr
 from torch import nn
 
+from sdnb.lora import TEXT_TARGETS, UNET_TARGETS, add_lora, has_lora, place
 from sdnb.models import load_pipeline
 from sdnb.sd.buckets import BucketDataset, tokenize
 
@@ -33,13 +34,16 @@ class SDParts:
     scheduler: Any  # the pipeline's own sampler, used for samples and saved with the result
 
     def to(self, device: torch.device | str, frozen_dtype: torch.dtype = torch.float32) -> "SDParts":
-        """Move to `device`; frozen models (VAE, and the text encoder unless trained) in `frozen_dtype`."""
+        """Move to `device`; frozen models (VAE, and the text encoder unless trained) in `frozen_dtype`; a model with
+        a LoRA adapter keeps its base weights in `frozen_dtype` and the adapter in fp32."""
         trained = any(p.requires_grad for p in self.text_encoder.parameters())
         for model, dtype in ((self.unet, torch.float32), (self.vae, frozen_dtype),
                              (self.text_encoder, torch.float32 if trained else frozen_dtype)):
-            model.to(device) if model.dtype == dtype else model.to(device, dtype)
+            if has_lora(model):
+                place(model, device, frozen_dtype)
+            else:
+                model.to(device) if model.dtype == dtype else model.to(device, dtype)
         return self
-
 
     def pipeline(self, unet: nn.Module | None = None, text_encoder: nn.Module | None = None) -> StableDiffusionPipeline:
         """A StableDiffusionPipeline of these pieces (or with the given UNet / text encoder), no safety checker,
@@ -51,23 +55,29 @@ class SDParts:
         return pipe
 
 
-def load_parts(model_id: str, vae_path: str = "") -> SDParts:
-    """The pieces of a diffusers SD v1 pipeline (hub id, folder or 03 run folder) in fp32 on the CPU, with another
-    VAE (a 02 run folder or VAE folder) if given; everything frozen until `trainable_models`."""
-    pipe = load_pipeline(model_id, "cpu", "no", "model_id", vae=vae_path)
+def load_parts(model_id: str, vae_path: str = "", model_config: str = "") -> SDParts:
+    """The pieces of an SD v1 pipeline (hub id, folder, 03 run folder or single file; see `sdnb.models`) in fp32 on
+    the CPU, with another VAE (a 02 run folder, VAE folder or file) if given; everything frozen until
+    `trainable_models`."""
+    pipe = load_pipeline(model_id, "cpu", "no", "model_id", vae=vae_path, config=model_config)
     parts = SDParts(pipe.unet, pipe.vae.eval().requires_grad_(False), pipe.text_encoder.eval().requires_grad_(False),
                     pipe.tokenizer, DDPMScheduler.from_config(pipe.scheduler.config), pipe.scheduler)
     parts.unet.requires_grad_(False)
     return parts
 
 
-def trainable_models(parts: SDParts, train_text_encoder: bool = False, gradient_checkpointing: bool = False) -> dict:
-    """Make the UNet (and the text encoder if asked) trainable; returns the models dict for `Trainer.fit`."""
-    models = {"unet": parts.unet.train().requires_grad_(True)}
+def trainable_models(parts: SDParts, train_text_encoder: bool = False, gradient_checkpointing: bool = False,
+                     lora_rank: int = 0, lora_alpha: float = 0.0) -> dict:
+    """Make the UNet (and the text encoder if asked) trainable, whole or (`lora_rank` > 0) through a LoRA adapter
+    (`sdnb.lora`); returns the models dict for `Trainer.fit`."""
+    def trainable(model: nn.Module, targets: tuple[str, ...]) -> nn.Module:
+        return add_lora(model, lora_rank, lora_alpha, targets) if lora_rank else model.requires_grad_(True)
+
+    models = {"unet": trainable(parts.unet, UNET_TARGETS).train()}
     if gradient_checkpointing:
         parts.unet.enable_gradient_checkpointing()
     if train_text_encoder:
-        models["text_encoder"] = parts.text_encoder.train().requires_grad_(True)
+        models["text_encoder"] = trainable(parts.text_encoder, TEXT_TARGETS).train()
         if gradient_checkpointing:
             parts.text_encoder.gradient_checkpointing_enable()
     return models

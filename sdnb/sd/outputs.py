@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from sdnb.lora import TEXT_TARGETS, UNET_TARGETS, estimate_lora_parameters, has_lora, save_lora
 from sdnb.runtime import pick_device
 from sdnb.sd.config import SDConfig
 from sdnb.sd.model import SDParts
@@ -38,6 +40,22 @@ def save_unet_fp16(unet: nn.Module, folder: str | Path) -> Path:
               str(tmp / "diffusion_pytorch_model.fp16.safetensors"))
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
+    return folder
+
+
+def save_weights(unet: nn.Module, text_encoder: nn.Module | None, folder: str | Path, base: dict) -> Path:
+    """What the best weights and the weights-only mirror keep: a LoRA run's adapter (the folder then loads as a LoRA
+    folder; `base` names its base model), else the fp16 UNet in folder/unet."""
+    if not has_lora(unet):
+        return save_unet_fp16(unet, Path(folder) / "unet")
+    folder = Path(folder)
+    tmp = folder / ".tmp-lora"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_lora(tmp, unet, text_encoder, base)
+    for file in tmp.iterdir():
+        os.replace(file, folder / file.name)
+    tmp.rmdir()
     return folder
 
 
@@ -105,11 +123,16 @@ def drive_budget(cfg: SDConfig, parts: SDParts) -> DriveBudget:
     """Estimate what one checkpoint weighs (fp32 weights + optimizer state + EMA of the trained models) and
     decide `sync_what` ('auto': full states when `keep_checkpoints` of them fit at sync_dir, else weights)."""
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
-    trained = count(parts.unet) + (count(parts.text_encoder) if cfg.train_text_encoder else 0)
+    if cfg.lora_rank:  # only the adapters train, are checkpointed and make final/ (fp32)
+        trained = estimate_lora_parameters(parts.unet, cfg.lora_rank, UNET_TARGETS) + (estimate_lora_parameters(
+            parts.text_encoder, cfg.lora_rank, TEXT_TARGETS) if cfg.train_text_encoder else 0)
+        weights, final = trained * 4, trained * 4
+    else:
+        trained = count(parts.unet) + (count(parts.text_encoder) if cfg.train_text_encoder else 0)
+        weights, final = count(parts.unet) * 2, (count(parts.unet) + count(parts.text_encoder) + count(parts.vae)) * 4
     optimizer = resolve_optimizer(cfg.optimizer, pick_device(cfg.device))
     per_param = 4 + (2 if optimizer == "adamw8bit" else 8) + (4 if cfg.ema else 0)
-    total = count(parts.unet) + count(parts.text_encoder) + count(parts.vae)
-    budget = DriveBudget(trained * per_param / GB, count(parts.unet) * 2 / GB, total * 4 / GB, cfg.keep_checkpoints,
+    budget = DriveBudget(trained * per_param / GB, weights / GB, final / GB, cfg.keep_checkpoints,
                          _free_gb(cfg.sync_dir) if cfg.sync_dir else None, cfg.sync_dir, cfg.sync_what)
     if cfg.sync_what == "auto":
         budget.sync_what = "full" if budget.fits("full") else "weights"

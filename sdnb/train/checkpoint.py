@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import SCALER_NAME
-from safetensors.torch import load_model
+from safetensors.torch import load_file, load_model
 
 from sdnb.data.disk import NotEnoughSpace, format_gb, free_bytes
 from sdnb.data.files import MARKER
@@ -35,6 +35,9 @@ from sdnb.train.manifest import verify_manifest, write_manifest
 STATE = "sdnb_state.json"
 _NAME = re.compile(r"^step-(\d{6,})$")
 _TEST_PAUSE_ENV = "SDNB_TEST_PAUSE_IN_CHECKPOINT"  # test hook: "<step>" sleeps inside that checkpoint's write
+# A model with this attribute set to True is checkpointed by its trainable parameters only (a LoRA adapter over
+# frozen weights that the run loads again from the base model): see `register_portable_weights`.
+TRAINABLE_ONLY = "sdnb_checkpoint_trainable_only"
 
 
 def checkpoint_name(step: int) -> str:
@@ -224,15 +227,36 @@ def has_run(root: str | Path) -> list[Path]:
     return found + checkpoint_folders(root)
 
 
+def _trainable_names(model: torch.nn.Module) -> set[str] | None:
+    """The names of the trainable parameters of a model marked `TRAINABLE_ONLY`, else None (all weights)."""
+    if not getattr(model, TRAINABLE_ONLY, False):
+        return None
+    return {name for name, p in model.named_parameters() if p.requires_grad}
+
+
 def register_portable_weights(accelerator: Accelerator) -> None:
-    """Save and load the prepared models' weights unwrapped, so a checkpoint resumes under any process count."""
+    """Save and load the prepared models' weights unwrapped, so a checkpoint resumes under any process count; a
+    model marked `TRAINABLE_ONLY` saves and loads only its trainable parameters."""
     def save_hook(models: list, weights: list, output_dir: str) -> None:
         weights[:] = [accelerator.get_state_dict(m, unwrap=True) for m in models]
+        for i, model in enumerate(models):
+            keep = _trainable_names(accelerator.unwrap_model(model))
+            if keep is not None:
+                weights[i] = {k: v for k, v in weights[i].items() if k in keep}
 
     def load_hook(models: list, input_dir: str) -> None:
         for i, model in enumerate(models):
             file = Path(input_dir) / ("model.safetensors" if i == 0 else f"model_{i}.safetensors")
-            load_model(accelerator.unwrap_model(model), str(file), device=str(accelerator.device))
+            inner, device = accelerator.unwrap_model(model), str(accelerator.device)
+            keep = _trainable_names(inner)
+            if keep is None:
+                load_model(inner, str(file), device=device)
+                continue
+            state = load_file(str(file), device=device)
+            if set(state) != keep:
+                raise ValueError(f"{file} holds other trainable weights than this run's ({len(state)} vs {len(keep)}: "
+                                 "was lora_rank or train_text_encoder changed?)")
+            inner.load_state_dict(state, strict=False)
         models.clear()  # loaded here: accelerate skips them
 
     accelerator.register_save_state_pre_hook(save_hook)

@@ -34,6 +34,8 @@ ALLOWED = frozenset({
     # evaluation and sampling (they do not feed the training step)
     "sample_prompts", "negative_prompt", "sample_cfg_scales", "sample_steps", "overfit_patience", "save_best",
     "n_val_patches", "tile_size", "fid_features", "n_bootstrap",
+    # what is done with the result (export, Hub) and where the base model's config is read from
+    "export_single_file", "hub_repo_id", "hub_private", "model_config",
 })
 
 REFUSED = frozenset({
@@ -45,6 +47,7 @@ REFUSED = frozenset({
     "hflip", "vflip", "rot90", "flip", "crop_jitter", "caption_dropout",
     # the model and what is trained
     "model_id", "model_subfolder", "vae_path", "recipe", "trainable", "train_text_encoder", "ema",
+    "lora_rank", "lora_alpha",
     # the batch (the saved data position counts micro-batches) and the optimizer state's kind
     "batch_size", "grad_accum", "optimizer",
     # the loss

@@ -34,15 +34,17 @@ def held_out_images(image_dir: str | Path, patch_size: int, n: int, seed: int = 
     return images, f"{description} in {image_dir}"
 
 
-def load_vaes(base: str, finetuned: str, control: str = "", device: torch.device | str = "cpu") -> dict[str, AutoencoderKL]:
-    """{'base', 'finetuned'[, 'control']}: hub ids, pipeline folders, VAE folders or run folders of 02."""
+def load_vaes(base: str, finetuned: str, control: str = "", device: torch.device | str = "cpu",
+              config: str = "") -> dict[str, AutoencoderKL]:
+    """{'base', 'finetuned'[, 'control']}: hub ids, pipeline folders, VAE folders, run folders of 02 or single files
+    (their configuration from `config`, see `sdnb.models`)."""
     refs = {"base": ("base_vae", base), "finetuned": ("finetuned_vae", finetuned), "control": ("control_vae", control)}
     vaes = {}
     for name, (parameter, ref) in refs.items():
         if not ref:
             continue
         try:
-            vaes[name] = load_vae(ref, "vae", device, parameter)
+            vaes[name] = load_vae(ref, "vae", device, parameter, config)
         except (OSError, ValueError) as err:
             raise FileNotFoundError(f"{parameter}={ref!r} could not be loaded as a VAE: {err}") from err
     return vaes

@@ -43,6 +43,8 @@ class VAEConfig(TrainConfig):
     val_fraction: float = param(0.2, gt=0, le=0.5, help="share of image_dir held out when val_image_dir is ''")
     model_id: str = param("CompVis/stable-diffusion-v1-4", pattern=r".+")
     model_subfolder: str = param("vae", help="'' when model_id is a VAE folder itself")
+    model_config: str = param("", help="for a single .safetensors/.ckpt model_id: the base model's folder or hub id "
+                                       "holding its configuration; '' = diffusers guesses it (needs the network)")
     patch_size: int = param(512, ge=16, multiple_of=8)
     patches_per_epoch: int = param(1000, ge=1, help="random patches drawn per epoch")
     n_val_patches: int = param(64, ge=1, help="fixed held-out patches for the metrics")
@@ -68,6 +70,9 @@ class VAEConfig(TrainConfig):
     tile_size: int = param(512, ge=16, multiple_of=8, help="tiles for full-size reconstructions")
     fid_features: str = param("auto", choices=("auto", "torchmetrics", "fid-helper"))
     n_bootstrap: int = param(1000, ge=0, help="bootstrap resamples of the 95% intervals; 0 = no intervals")
+    export_single_file: bool = param(True, help="also write the VAE as one .safetensors file (run_dir/export)")
+    hub_repo_id: str = param("", pattern=r"|[\w.-]+/[\w.-]+", help="push final/ with a model card there; '' = off")
+    hub_private: bool = param(True, help="create the Hub repository as private")
 
     def validate(self) -> None:
         recipe = VAE_RECIPES.get(self.recipe)

@@ -8,12 +8,14 @@ from typing import Any
 
 import torch
 from diffusers import AutoencoderKL
+from PIL import Image
 from torch import nn
 
 from sdnb import metrics
 from sdnb.metrics import LPIPS
 from sdnb.models import load_vae
 from sdnb.train import Trainer, TrainResult
+from sdnb.train.trackers import log_images
 from sdnb.vae.config import VAEConfig
 from sdnb.vae.data import DecodedImages, PatchDataset, PatchLatents, prepare_data
 from sdnb.vae.model import VAEWithPosterior, prepare_for_training, reconstruct, vae_loss
@@ -30,6 +32,17 @@ def held_out_metrics(vae: AutoencoderKL, patches: torch.Tensor, lpips: nn.Module
     return {k: sum(v) / len(v) for k, v in metrics.per_image_metrics(recon, patches, lpips, batch_size).items()}
 
 
+def pair_strip(vae: AutoencoderKL, patches: torch.Tensor) -> Image.Image:
+    """Patches (top row) over their reconstructions (bottom row), as one PIL image."""
+    was_training = vae.training
+    vae.eval()
+    recon = reconstruct(vae, patches, len(patches))
+    vae.train(was_training)
+    rows = [torch.cat(list(x.float().cpu().clamp(-1, 1)), dim=2) for x in (patches, recon)]
+    pixels = ((torch.cat(rows, dim=1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+    return Image.fromarray(pixels)
+
+
 def finetune(cfg: VAEConfig, train_images: DecodedImages, val_patches: torch.Tensor) -> TrainResult:
     """Fine-tune the VAE of `cfg.model_id` on random patches of `train_images` through the shared loop.
 
@@ -38,7 +51,8 @@ def finetune(cfg: VAEConfig, train_images: DecodedImages, val_patches: torch.Ten
     `run_dir/final`.
     """
     trainer = Trainer(cfg, config=cfg.to_dict())
-    vae = prepare_for_training(load_vae(cfg.model_id, cfg.model_subfolder), cfg.trainable, cfg.gradient_checkpointing)
+    vae = prepare_for_training(load_vae(cfg.model_id, cfg.model_subfolder, config=cfg.model_config), cfg.trainable,
+                               cfg.gradient_checkpointing)
     lpips = LPIPS(cfg.lpips_net).to(trainer.device)
     patches = PatchDataset(train_images, cfg.patch_size, cfg.patches_per_epoch, seed=cfg.seed,
                            hflip=cfg.hflip, vflip=cfg.vflip, rot90=cfg.rot90)
@@ -52,7 +66,10 @@ def finetune(cfg: VAEConfig, train_images: DecodedImages, val_patches: torch.Ten
         return vae_loss(models["vae"], batch, lpips, **weights)
 
     def evaluate_fn(models: dict[str, nn.Module], step: int) -> dict[str, float]:
-        return held_out_metrics(unwrap(models["vae"]).vae, val_patches, lpips, cfg.batch_size)
+        vae = unwrap(models["vae"]).vae
+        if trainer.accelerator.trackers:  # log_with: held-out patches over their reconstructions
+            log_images(trainer.accelerator, {"heldout_reconstructions": pair_strip(vae, val_patches[:4])}, step)
+        return held_out_metrics(vae, val_patches, lpips, cfg.batch_size)
 
     def save_final(models: dict[str, nn.Module], path: Path) -> None:
         unwrap(models["vae"]).vae.save_pretrained(path)

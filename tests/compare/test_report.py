@@ -1,6 +1,6 @@
 """04_compare's outputs: the self-contained report.html (parsed, and rendered in headless Chromium), the
 ipywidgets browser, and the notebook run headless on tiny stand-ins (the tiny SD as base, a damaged copy
-as the fine-tuned model)."""
+as the fine-tuned model; the base as single files, a LoRA run as the fine-tuned pipeline)."""
 
 from __future__ import annotations
 
@@ -151,24 +151,28 @@ def test_browser_switches_views_and_zooms(written_report):
     assert list(samples.view.options) == ["base", "finetuned"]
 
 
-def test_notebook_04_on_tiny_stand_ins(tiny_assets, tmp_path):
-    """04 headless: the tiny SD as base, a copy with a damaged decoder and UNet as the fine-tuned model."""
+def test_notebook_04_on_tiny_stand_ins(tiny_assets, tmp_path, tiny_single_file):
+    """04 headless: the tiny SD as base, given as single files (the checkpoint and a standalone VAE file, their
+    configuration from its folder); a copy with a damaged decoder as the fine-tuned VAE, and a LoRA run with a large
+    random adapter as the fine-tuned model (04 loads base + adapter)."""
     import papermill
 
-    from diffusers import UNet2DConditionModel
+    from sdnb.singlefile import export_vae
+    from tests.helpers import lora_run
 
     tuned = tmp_path / "tuned"
     shutil.copytree(tiny_assets.sd, tuned)
-    unet = UNet2DConditionModel.from_pretrained(tuned / "unet")
-    damage(unet, 3.0).save_pretrained(tuned / "unet")
     vae = models.load_vae(str(tuned))
     damage(vae.decoder, 0.5)
     vae.save_pretrained(tuned / "vae")
+    lora_run(tiny_assets.sd, tmp_path / "lora", scale=2.0)
+    base_vae = export_vae(tiny_assets.sd, tmp_path / "base.vae.safetensors")
     clip = getattr(tiny_assets, "clip", None) or build_tiny_clip(tiny_assets.sd / "tokenizer", tmp_path / "clip")
     run_dir = tmp_path / "run"
-    params = dict(run_dir=str(run_dir), device="cpu", mixed_precision="no", base_vae=str(tiny_assets.sd),
+    params = dict(run_dir=str(run_dir), device="cpu", mixed_precision="no", base_vae=str(base_vae),
                   finetuned_vae=str(tuned), image_dir=str(tiny_assets.fundus_val), patch_size=32, n_patches=2,
-                  n_full_images=0, base_model_id=str(tiny_assets.sd), finetuned_model=str(tuned),
+                  n_full_images=0, base_model_id=str(tiny_single_file), model_config=str(tiny_assets.sd),
+                  finetuned_model=str(tmp_path / "lora"),
                   train_data_dir=str(tiny_assets.photos), prompts=["a photograph of a cat", "a rocket at dusk"],
                   n_images=2, resolution=32, num_inference_steps=2, batch_size=2,
                   xyz_axes={"checkpoint": ["base", "finetuned"]}, fid_features="fid-helper",

@@ -202,18 +202,64 @@ def test_drive_budget_warns_and_picks_weights_when_full_states_do_not_fit(sd_dir
     assert "WARNING: sync_dir will run out of space" in str(full)
 
 
-def test_notebook_03_runs_headless_on_the_tiny_model(sd_dir, captioned, tmp_path):
-    from diffusers import StableDiffusionPipeline
+def test_lora_trains_resumes_bitwise_and_checkpoints_only_the_adapter(sd_dir, captioned, tmp_path, capsys, one_thread):
+    """lora_rank=4: 4 steps straight (logged to TensorBoard) vs 2 steps, then resume="latest" to 4 (a validation at
+    step 2 in between): the same adapter bitwise, and each checkpoint holds only the adapter and its optimizer state."""
+    from safetensors.torch import load_file
 
+    from sdnb.data import split_by_image
+    from sdnb.models import load_pipeline
+    from tests.helpers import tensorboard_events
+
+    def run(name: str, **more) -> SDConfig:
+        cfg = config(tmp_path / name, sd_dir, captioned, **{**dict(lora_rank=4, lr=1e-3, max_steps=4, validate_every=2,
+                                                                    checkpoint_every=2, sample_cfg_scales=[7.0]), **more})
+        train, val = split_by_image(read_captions(captioned, progress=False), cfg.val_fraction, cfg.seed)
+        finetune(cfg, load_parts(str(sd_dir)), *build_datasets(cfg, train, val))
+        return cfg
+
+    straight = run("straight", log_with="tensorboard", sample_prompts=["a cat"]).path
+    assert "LoRA rank 4 (alpha 4) of unet: 9,984 trainable parameters of 802,948 (1.24%)" in capsys.readouterr().out
+    run("resumed", max_steps=2, sample_prompts=[])
+    resumed = run("resumed", resume="latest", sample_prompts=[]).path
+    full = run("full", lora_rank=0, lr=1e-4, max_steps=2, sample_prompts=[]).path
+    weights = [load_file(p / "final" / "pytorch_lora_weights.safetensors") for p in (straight, resumed)]
+    assert weights[0].keys() == weights[1].keys() and all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    losses = [[(r["step"], r.get("loss"), r.get("val_loss")) for r in read_log(p / "log.csv")] for p in (straight, resumed)]
+    assert losses[0] == losses[1] and len(losses[0]) == 7  # 4 losses, validation at 0, 2 and 4
+
+    size = lambda p: sum(f.stat().st_size for f in p.rglob("*") if f.is_file())  # noqa: E731
+    lora_ckpt, full_ckpt = straight / "checkpoints" / "step-000004", full / "checkpoints" / "step-000002"
+    assert size(lora_ckpt) < 0.1 * size(full_ckpt), (size(lora_ckpt), size(full_ckpt))
+    assert all(".lora_" in k for k in load_file(lora_ckpt / "model.safetensors"))
+    # final/ and best/ hold the adapter; sdnb.models loads it over its base model
+    assert (straight / "best" / "pytorch_lora_weights.safetensors").is_file()
+    pipe, base = load_pipeline(str(straight)), load_pipeline(str(sd_dir))
+    assert pipe.unet.peft_config and not torch.equal(*(p("a cat", num_inference_steps=2, height=64, width=64,
+        output_type="pt", generator=torch.Generator().manual_seed(0)).images for p in (pipe, base)))
+    # TensorBoard: the loss, the validation loss and the sample grids, read back with TensorBoard's reader
+    scalars, images = tensorboard_events(straight / "sdnb")
+    assert [s for s, _ in scalars["loss"]] == [1, 2, 3, 4] and [s for s, _ in scalars["val_loss"]] == [0, 2, 4]
+    assert [v for _, v in scalars["loss"]] == pytest.approx([r[1] for r in losses[0] if r[1] is not None])
+    assert [s for s, w, h in images["samples"] if w > 64] == [2, 4]
+
+
+def test_notebook_03_runs_headless_on_the_tiny_model(sd_dir, captioned, tmp_path, tiny_single_file):
+    """03 from a base model given as one .safetensors file (its configuration from the pipeline folder, offline),
+    training a LoRA; final/ holds the adapter, export/ the kohya file the UIs load."""
     from sdnb.demo import run_notebook
+    from sdnb.models import load_pipeline
 
-    params = dict(run_dir=str(tmp_path / "03"), data_dir=str(captioned), model_id=str(sd_dir), device="cpu",
-                  mixed_precision="no", sync_dir="", seed=0, resolution=64, max_steps=6, max_epochs=0,
-                  validate_every=3, checkpoint_every=3, log_every=1, sample_steps=2, sample_prompts=["a cat", "a rocket"],
-                  val_fraction=0.25)
+    params = dict(run_dir=str(tmp_path / "03"), data_dir=str(captioned), model_id=str(tiny_single_file),
+                  model_config=str(sd_dir), lora_rank=4, lr=1e-3, device="cpu", mixed_precision="no", sync_dir="", seed=0,
+                  resolution=64, max_steps=6, max_epochs=0, validate_every=3, checkpoint_every=3, log_every=1,
+                  sample_steps=2, sample_prompts=["a cat", "a rocket"], val_fraction=0.25)
     run_notebook("03_sd_finetune", tmp_path, params)
     run = tmp_path / "03"
     for name in ("dataset", "batches", "loss", "samples_by_checkpoint"):
         assert (run / "grids" / f"{name}.png").stat().st_size > 5_000, name
     assert [r["step"] for r in read_log(run / "log.csv") if "val_loss" in r] == [0, 3, 6]
-    assert StableDiffusionPipeline.from_pretrained(run / "final").unet.config.sample_size > 0
+    assert sorted(p.name for p in (run / "final").iterdir()) == ["pytorch_lora_weights.safetensors", "sdnb_lora.json"]
+    assert json.loads((run / "final" / "sdnb_lora.json").read_text())["model_id"] == str(tiny_single_file)
+    assert load_pipeline(str(run)).unet.peft_config  # the single-file base with the adapter
+    assert (run / "export" / "03-lora.safetensors").stat().st_size > 10_000
