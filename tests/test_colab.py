@@ -10,7 +10,6 @@ import json
 import re
 import shutil
 import sys
-import tomllib
 import urllib.request
 from pathlib import Path
 
@@ -111,7 +110,7 @@ def test_install_cell_on_colab(tmp_path, monkeypatch):
 
 
 def test_requirements_txt_is_pyprojects_dependencies():
-    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    declared = colab.tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     listed = [line.strip() for line in (ROOT / "requirements.txt").read_text().splitlines()
               if line.strip() and not line.startswith("#")]
     assert sorted(listed) == sorted(d.replace(" ", "") for d in declared)
