@@ -68,6 +68,13 @@ def test_a_home_gives_badges_and_installs_from_it_and_leaves_other_cells_alone(t
         assert path.read_bytes() == (ROOT / "notebooks" / path.name).read_bytes()
 
 
+def test_a_home_off_github_installs_from_it_without_a_badge():
+    home = "https://git.example.invalid/you/sdnb"  # RFC 2606: .invalid names no one's host
+    assert "Open In Colab" not in colab.badge_line(home, "03_sd_finetune") and home in colab.badge_line(home, "x")
+    assert f'sdnb_source = "git+{home}"' in colab.install_cell(home)
+    assert "Open In Colab" not in colab.badge_line(None, "03_sd_finetune")
+
+
 @pytest.mark.parametrize("url", ["github.com/you/sdnb", "https://github.com/you", "http://github.com/you/sdnb"])
 def test_a_home_that_is_not_a_repository_address_is_refused(tmp_path, url):
     pyproject = tmp_path / "pyproject.toml"
@@ -124,8 +131,9 @@ def pypi_reachable() -> bool:
         return False
 
 
-@pytest.mark.skipif(not pypi_reachable(), reason="PyPI unreachable: the Colab install simulation needs it")
 def test_installing_on_colab_replaces_nothing_colab_has(tmp_path, capsys):
+    if not pypi_reachable():
+        pytest.skip("PyPI unreachable: the Colab install simulation asks it what pip would install")
     result = colab.simulate()
     with capsys.disabled():
         print(f"\nColab simulation: {result['checked']} preinstalled packages kept in view, installs "

@@ -39,6 +39,7 @@ BADGE_SVG = "https://colab.research.google.com/assets/colab-badge.svg"
 # the managed line of each notebook's first markdown cell: the badge, or the note that replaces it while there is no home
 MANAGED_LINE = re.compile(r"^(\[!\[Open In Colab\]|\*On Colab:)")
 NO_BADGE = "*On Colab: upload this notebook and run its first code cell, which says how to install sdnb from your copy.*"
+HOME_NO_BADGE = "*On Colab: upload this notebook; its first code cell installs sdnb from {url}.*"
 
 INSTALL_CELL = """\
 # Colab only: installs sdnb with its `colab` extra (bitsandbytes: 8-bit AdamW) and keeps Colab's own torch, torchvision
@@ -83,8 +84,10 @@ def home(pyproject: Path = ROOT / "pyproject.toml") -> str | None:
 
 def badge_line(url: str | None, notebook: str) -> str:
     """The first markdown cell's managed line: a Colab badge for a GitHub home, else a note."""
-    if url is None or not url.startswith("https://github.com/"):
+    if url is None:
         return NO_BADGE
+    if not url.startswith("https://github.com/"):  # Colab opens notebooks from GitHub only
+        return HOME_NO_BADGE.format(url=url)
     repo = url.removeprefix("https://github.com/")
     link = f"https://colab.research.google.com/github/{repo}/blob/{BRANCH}/notebooks/{notebook}.ipynb"
     return f"[![Open In Colab]({BADGE_SVG})]({link})"
