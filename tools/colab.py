@@ -167,10 +167,20 @@ def normalize(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name.strip()).lower()
 
 
-def fake_colab_env(where: Path, packages: dict[str, str]) -> Path:
-    """A venv whose site-packages holds Colab's preinstalled packages as metadata only (what pip sees as installed);
-    returns its python."""
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(where)], check=True)
+def colab_like_python() -> str:
+    """An interpreter of Colab's Python version when this machine has a working one (pip then evaluates dependencies'
+    markers as on Colab), else this one."""
+    found = shutil.which(f"python{COLAB_PYTHON}")
+    probe = "import sys; print('%d.%d' % sys.version_info[:2])"
+    if found and subprocess.run([found, "-c", probe], capture_output=True, text=True).stdout.strip() == COLAB_PYTHON:
+        return found
+    return sys.executable
+
+
+def fake_colab_env(where: Path, packages: dict[str, str], python: str) -> Path:
+    """A venv of `python` whose site-packages holds Colab's preinstalled packages as metadata only (what pip sees as
+    installed); returns its python."""
+    subprocess.run([python, "-m", "venv", "--without-pip", str(where)], check=True)
     site = next(where.glob("lib/python*/site-packages"))
     for name, version in packages.items():
         info = site / f"{name.replace('-', '_')}-{version}.dist-info"
@@ -204,13 +214,16 @@ def pip_command(python: Path, source: str, report: Path) -> list[str]:
 def simulate(freeze: Path = FREEZE) -> dict:
     """Dry-run the install cell's pip command in a venv holding Colab's preinstalled packages. Returns `installs`
     (name -> version pip would install), `replaced` (of those, the ones Colab has: name -> (colab, new)), `checked`
-    (how many preinstalled packages pip saw), `seconds`; raises RuntimeError with pip's output if pip fails."""
+    (how many preinstalled packages pip saw), `python` (the venv's version: markers are evaluated for it), `seconds`;
+    raises RuntimeError with pip's output if pip fails."""
     packages = colab_packages(freeze)
     env = {k: v for k, v in os.environ.items() if k not in ("PIP_FIND_LINKS", "PIP_CONSTRAINT", "PIP_EXTRA_INDEX_URL")}
     env["PIP_CONFIG_FILE"] = os.devnull  # this machine's pip settings (local wheels, caps) are not Colab's
     start = time.monotonic()
     with tempfile.TemporaryDirectory() as tmp:
-        python = fake_colab_env(Path(tmp) / "colab", packages)
+        python = fake_colab_env(Path(tmp) / "colab", packages, colab_like_python())
+        version = subprocess.run([python, "-c", "import platform; print(platform.python_version())"],
+                                 capture_output=True, text=True, check=True).stdout.strip()
         report = Path(tmp) / "report.json"
         run = subprocess.run(pip_command(python, str(_copy_of_project(Path(tmp) / "sdnb")), report),
                              env=env, capture_output=True, text=True)
@@ -219,7 +232,7 @@ def simulate(freeze: Path = FREEZE) -> dict:
         items = json.loads(report.read_text())["install"]
     installs = {normalize(i["metadata"]["name"]): i["metadata"]["version"] for i in items}
     replaced = {n: (packages[n], v) for n, v in installs.items() if n in packages}
-    return {"installs": installs, "replaced": replaced, "checked": len(packages),
+    return {"installs": installs, "replaced": replaced, "checked": len(packages), "python": version,
             "seconds": time.monotonic() - start}
 
 
@@ -232,7 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.simulate:
         result = simulate()
-        print(f"{result['checked']} preinstalled Colab packages; {len(result['installs'])} to install "
+        print(f"{result['checked']} preinstalled Colab packages (Python {result['python']}); "
+              f"{len(result['installs'])} to install "
               f"({', '.join(f'{n} {v}' for n, v in sorted(result['installs'].items()))}); {result['seconds']:.0f} s")
         for name, (old, new) in sorted(result["replaced"].items()):
             print(f"REPLACED: {name} {old} -> {new}")
