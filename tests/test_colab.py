@@ -136,8 +136,8 @@ def test_installing_on_colab_replaces_nothing_colab_has(tmp_path, capsys):
         pytest.skip("PyPI unreachable: the Colab install simulation asks it what pip would install")
     result = colab.simulate()
     with capsys.disabled():
-        print(f"\nColab simulation (Python {result['python']}): {result['checked']} preinstalled packages kept in view, installs "
-              f"{sorted(result['installs'])}, {result['seconds']:.0f} s")
+        print(f"\nColab simulation (Python {result['python']}): {result['checked']} preinstalled packages in view, "
+              f"installs {sorted(result['installs'])}, {result['seconds']:.0f} s")
     assert result["checked"] > 500 and {"sdnb", "bitsandbytes"} <= set(result["installs"])
     assert not result["replaced"], f"the Colab install would replace preinstalled packages: {result['replaced']}"
     # the check can fail: a Colab whose Pillow is older than sdnb's lower bound gets a new one
