@@ -28,10 +28,11 @@ from sdnb.vae.tiling import decode_tiled, encode_tiled
 
 
 def held_out_images(image_dir: str | Path, patch_size: int, n: int, seed: int = 0,
-                    cache_dir: str | Path | None = None) -> tuple[torch.Tensor, str]:
+                    cache_dir: str | Path | None = None, min_foreground: float = 0.0,
+                    foreground_threshold: float = 0.1) -> tuple[torch.Tensor, str]:
     """The fixed held-out set of a folder (see `held_out_patches`): (N, 3, H, W) in [-1, 1] and a description."""
     paths = [r.path for r in find_images(image_dir, "image_dir")]
-    images, description = held_out_patches(paths, patch_size, n, seed, cache_dir)
+    images, description = held_out_patches(paths, patch_size, n, seed, cache_dir, min_foreground, foreground_threshold)
     return images, f"{description} in {image_dir}"
 
 
