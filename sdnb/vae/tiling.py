@@ -18,8 +18,9 @@ multidiffusion-upscaler-for-automatic1111, made exact):
   A ResNet block stores only its input and output: its inner activation is recomputed tile by tile (1.5x its
   first convolution's cost) and up-sampled maps are never stored, which keeps the stored maps small.
 
-Memory at 2048x2048 with the SD v1 VAE (fp32, tile_size 512; `benchmarks/bench_tiling.py` traces it on the meta
-device): see `TRACE_2048` below.
+Memory at 2048x2048 with the SD v1 VAE, tile_size 512, encode + decode (`benchmarks/bench_tiling.py`, traced on the
+meta device): accelerator peak 1.44 GiB in fp32 (1.29 GiB fp16), weights included, so it fits a 16 GB T4 with room
+to spare; the whole maps on the CPU peak at 4.0 GiB in fp32 (2.0 GiB fp16); one untiled pass would need ~33 GiB.
 """
 
 from __future__ import annotations
@@ -34,16 +35,14 @@ from tqdm.auto import tqdm
 
 Region = tuple[int, int, int, int]  # y0, y1, x0, x1
 
-# Peak memory of `reconstruct_tiled` at 2048x2048 with the SD v1 VAE, tile_size 512, traced on the meta device by
-# benchmarks/bench_tiling.py (accelerator: weights + the largest tile's tensors alive at once + attention).
-TRACE_2048 = "see benchmarks/bench_tiling.py"
-
 
 class Map:
     """A feature map (1, C, H, W) that can be read region by region, on the compute device."""
 
-    def __init__(self, channels: int, height: int, width: int, compute: Callable[[Region], torch.Tensor]):
+    def __init__(self, channels: int, height: int, width: int, compute: Callable[[Region], torch.Tensor],
+                 work: int = 0):
         self.channels, self.height, self.width, self.compute = channels, height, width, compute
+        self.work = max(channels, work)  # the most channels computing a tile holds per pixel (sizes its tiles)
 
     def read(self, region: Region) -> torch.Tensor:
         return self.compute(region)
@@ -69,7 +68,7 @@ def with_halo(x: Map, region: Region, halo: int, fn: Callable[[torch.Tensor], to
 
 def same(x: Map, fn: Callable[[torch.Tensor], torch.Tensor], halo: int, channels: int) -> Map:
     """A lazy map: `fn` (stride 1, reach `halo`) applied to `x`, computed when read."""
-    return Map(channels, x.height, x.width, lambda r: with_halo(x, r, halo, fn))
+    return Map(channels, x.height, x.width, lambda r: with_halo(x, r, halo, fn), x.work)
 
 
 def upsample(x: Map, up: nn.Module) -> Map:
@@ -83,7 +82,7 @@ def upsample(x: Map, up: nn.Module) -> Map:
         v = F.interpolate(x.read((a0, a1, b0, b1)), scale_factor=2.0, mode="nearest")
         return up.conv(v)[..., y0 - 2 * a0:y1 - 2 * a0, x0 - 2 * b0:x1 - 2 * b0]
 
-    return Map(up.conv.out_channels, 2 * x.height, 2 * x.width, compute)
+    return Map(up.conv.out_channels, 2 * x.height, 2 * x.width, compute, x.channels)
 
 
 def downsample(x: Map, down: nn.Module) -> Map:
@@ -103,7 +102,7 @@ def downsample(x: Map, down: nn.Module) -> Map:
         v = F.pad(v, (max(0, -xa), max(0, xb - x.width), max(0, -ya), max(0, yb - x.height)))
         return F.conv2d(v, conv.weight, conv.bias, stride=2)
 
-    return Map(conv.out_channels, ho, wo, compute)
+    return Map(conv.out_channels, ho, wo, compute, x.work)
 
 
 class Tiler:
@@ -119,7 +118,7 @@ class Tiler:
 
     def tiles(self, x: Map) -> list[Region]:
         """The core regions covering `x`, of near-equal size."""
-        side = max(8, int((self.budget / x.channels) ** 0.5))
+        side = max(8, int((self.budget / x.work) ** 0.5))
         ny, nx = -(-x.height // side), -(-x.width // side)
         ys = [round(i * x.height / ny) for i in range(ny + 1)]
         xs = [round(i * x.width / nx) for i in range(nx + 1)]
@@ -184,10 +183,10 @@ def resnet(t: Tiler, block: nn.Module, x: Map) -> Stored:
             skip = block.conv_shortcut(skip)
         return (skip + out) / block.output_scale_factor
 
-    return t.store(Map(block.conv2.out_channels, x.height, x.width, compute))
+    return t.store(Map(block.conv2.out_channels, x.height, x.width, compute, x.work))
 
 
-def attention(t: Tiler, attn: nn.Module, x: Map, chunk: int = 4096) -> Stored:
+def attention(t: Tiler, attn: nn.Module, x: Map, chunk: int = 1024) -> Stored:
     """diffusers' Attention as the VAE's mid-block uses it (GroupNorm, one head or more, residual), over the whole
     map: it is small at latent resolution; queries go in chunks so the scores never exceed chunk x H*W."""
     if getattr(attn, "spatial_norm", None) is not None or getattr(attn, "norm_q", None) is not None:
