@@ -8,7 +8,8 @@ from sdnb.compare.report import samples_grid, write_compare_report
 from sdnb.compare.sd import GenerationSetup, generate, prepare_generation, save_samples, sd_metrics
 from sdnb.compare.xyz import xyz_sheet
 from sdnb.vae.compare import VAEComparison, compare_vaes, held_out_images, load_vaes, whole_images
+from sdnb.vae.plot import whole_image_figures
 
 __all__ = ["Browser", "CompareConfig", "GenerationSetup", "VAEComparison", "compare_vaes", "generate",
            "held_out_images", "load_vaes", "prepare_generation", "samples_grid", "save_samples", "sd_metrics",
-           "whole_images", "write_compare_report", "xyz_sheet"]
+           "whole_image_figures", "whole_images", "write_compare_report", "xyz_sheet"]

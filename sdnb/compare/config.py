@@ -33,6 +33,9 @@ class CompareConfig(BaseConfig):
     control_vae: str = param("", help="a VAE trained as many steps on other (e.g. natural) images; '' = none")
     patch_size: int = param(512, ge=8, multiple_of=8, help="held-out patches; whole images if all are this size or less")
     n_patches: int = param(64, ge=2, help="fixed held-out patches (rFID wants >= 50)")
+    min_foreground: float = param(0.5, ge=0, le=1, help="share of each held-out patch that must be field of view; 0 = any")
+    foreground_threshold: float = param(0.1, gt=0, le=1, help="field of view: blurred luminance above this share of "
+                                                              "the image's maximum")
     n_full_images: int = param(1, ge=0, help="whole held-out images reconstructed at full size (tiled) for the browser")
     tile_size: int = param(512, ge=16, multiple_of=8, help="tiles for full-size reconstructions")
     lpips_net: str = param("alex", choices=("alex", "vgg", "squeeze"))

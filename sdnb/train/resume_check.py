@@ -42,7 +42,7 @@ REFUSED = frozenset({
     "stage", "seed",  # the seed drives the data order and every process's RNG stream
     # the data and its split
     "image_dir", "val_image_dir", "val_fraction", "data_dir", "patch_size", "patches_per_epoch", "resolution",
-    "cache_latents",
+    "cache_latents", "min_foreground", "foreground_threshold",
     # augmentation
     "hflip", "vflip", "rot90", "flip", "crop_jitter", "caption_dropout",
     # the model and what is trained

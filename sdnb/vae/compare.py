@@ -24,13 +24,15 @@ from sdnb.models import load_vae
 from sdnb.stats import HIGHER_IS_BETTER, fid_entry, mean_entry, text_table
 from sdnb.vae.data import held_out_patches
 from sdnb.vae.model import reconstruct, scale_factor
+from sdnb.vae.tiling import decode_tiled, encode_tiled
 
 
 def held_out_images(image_dir: str | Path, patch_size: int, n: int, seed: int = 0,
-                    cache_dir: str | Path | None = None) -> tuple[torch.Tensor, str]:
+                    cache_dir: str | Path | None = None, min_foreground: float = 0.0,
+                    foreground_threshold: float = 0.1) -> tuple[torch.Tensor, str]:
     """The fixed held-out set of a folder (see `held_out_patches`): (N, 3, H, W) in [-1, 1] and a description."""
     paths = [r.path for r in find_images(image_dir, "image_dir")]
-    images, description = held_out_patches(paths, patch_size, n, seed, cache_dir)
+    images, description = held_out_patches(paths, patch_size, n, seed, cache_dir, min_foreground, foreground_threshold)
     return images, f"{description} in {image_dir}"
 
 
@@ -110,30 +112,33 @@ def compare_vaes(vaes: Mapping[str, AutoencoderKL], images: torch.Tensor, lpips:
 
 
 @torch.no_grad()
-def reconstruct_full(vae: AutoencoderKL, image: Image.Image | np.ndarray, tile_size: int = 512) -> torch.Tensor:
-    """Reconstruct a whole image at full size with diffusers' overlapping, blended tiles (tiles of `tile_size`)."""
-    array = np.asarray(image, dtype=np.uint8)
+def reconstruct_image(vae: AutoencoderKL, image: Image.Image | np.ndarray | torch.Tensor, tile_size: int | None = None,
+                      progress: bool = True) -> torch.Tensor:
+    """Reconstruct one whole image (the posterior mode) at full size: (3, H, W) in [-1, 1] on the CPU, H and W cut
+    down to what the VAE's down-sampling factor divides. `image` is RGB uint8 (PIL or HxWx3) or (3, H, W) in [-1, 1].
+
+    `tile_size` None: in one pass. An int: seamless tiles of that side (`sdnb.vae.tiling`: whole-image GroupNorm
+    statistics, exact halos), equal to the one-pass result up to rounding, for images too large for one pass."""
+    x = image.float() if isinstance(image, torch.Tensor) else to_tensor(np.asarray(image, dtype=np.uint8))
     m = scale_factor(vae)
-    h, w = array.shape[0] // m * m, array.shape[1] // m * m  # the VAE needs sides divisible by its factor
-    x = to_tensor(array[:h, :w])[None]
-    vae.enable_tiling()
-    vae.tile_sample_min_size, vae.tile_latent_min_size = tile_size, tile_size // m
-    try:
+    x = x[None, :, : x.shape[1] // m * m, : x.shape[2] // m * m]
+    if tile_size is None:
         return reconstruct(vae, x, batch_size=1)[0]
-    finally:
-        vae.disable_tiling()
+    moments = encode_tiled(vae, x, tile_size, progress)
+    latents = moments[:, : moments.shape[1] // 2]  # the posterior mode (its mean)
+    return decode_tiled(vae, latents, tile_size, progress)[0].float().clamp(-1, 1).cpu()
 
 
 def whole_images(vaes: Mapping[str, AutoencoderKL], images: str | Path | Sequence[str | Path], n: int = 0,
-                 tile_size: int = 512) -> list[tuple[str, torch.Tensor, dict[str, torch.Tensor]]]:
-    """Whole held-out images at full size through each VAE (tiles of `tile_size`): `images` is a folder or a list of
-    files, the first `n` are used (0 = all). Returns [(file name, original (3, H, W), {vae: reconstruction (3, H, W)})],
+                 tile_size: int | None = 512) -> list[tuple[str, torch.Tensor, dict[str, torch.Tensor]]]:
+    """Whole held-out images at full size through each VAE, in seamless tiles of `tile_size` (None: one pass; see
+    `reconstruct_image`): `images` is a folder or a list of files, the first `n` are used (0 = all). Returns [(file name, original (3, H, W), {vae: reconstruction (3, H, W)})],
     H and W cut down to what the VAEs' down-sampling factor divides."""
     paths = [r.path for r in find_images(images, "image_dir")] if isinstance(images, (str, Path)) else list(images)
     out = []
     for path in paths[: n or None]:
         image = np.asarray(load_rgb(path), dtype=np.uint8)
-        recons = {name: reconstruct_full(vae, image, tile_size) for name, vae in vaes.items()}
+        recons = {name: reconstruct_image(vae, image, tile_size) for name, vae in vaes.items()}
         h, w = next(iter(recons.values())).shape[-2:]
         out.append((Path(path).name, to_tensor(image[:h, :w]), recons))
     return out

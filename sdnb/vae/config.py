@@ -48,6 +48,10 @@ class VAEConfig(TrainConfig):
     patch_size: int = param(512, ge=16, multiple_of=8)
     patches_per_epoch: int = param(1000, ge=1, help="random patches drawn per epoch")
     n_val_patches: int = param(64, ge=1, help="fixed held-out patches for the metrics")
+    min_foreground: float = param(0.5, ge=0, le=1, help="share of each training and held-out patch that must be "
+                                                        "field of view; 0 = any patch (sdnb.vae.foreground)")
+    foreground_threshold: float = param(0.1, gt=0, le=1, help="field of view: blurred luminance above this share "
+                                                              "of the image's maximum")
     recipe: str = param("sdnb", choices=tuple(VAE_RECIPES), help="fills every value left at None")
     trainable: str | None = param(None, choices=("all", "decoder"))
     optimizer: str | None = param(None, choices=OPTIMIZERS)

@@ -22,6 +22,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from sdnb.data.images import find_images, load_rgb, split_by_image, to_tensor
+from sdnb.vae.foreground import Positions, image_positions
 
 
 class DecodedImages:
@@ -33,6 +34,7 @@ class DecodedImages:
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         self.min_side = min_side
         self._open: dict[int, np.ndarray] = {}
+        self._positions: dict[tuple, list[Positions | None]] = {}
 
     def _cache_path(self, path: Path) -> Path:
         st = path.stat()
@@ -61,18 +63,33 @@ class DecodedImages:
     def __getstate__(self) -> dict:  # loader workers reopen the memory maps themselves
         return {**self.__dict__, "_open": {}}
 
+    def positions(self, patch_size: int, min_foreground: float, threshold: float) -> list[Positions | None]:
+        """Per image, the patch positions that are >= `min_foreground` field of view (`sdnb.vae.foreground`); None
+        for an image without any (named in a message). Computed once per setting."""
+        key = (patch_size, min_foreground, threshold)
+        if key not in self._positions:
+            images = (self[i] for i in tqdm(range(len(self)), desc="field-of-view masks", leave=False))
+            self._positions[key] = image_positions(images, [p.name for p in self.paths], patch_size, min_foreground,
+                                                   threshold)
+        return self._positions[key]
+
 
 class PatchDataset(Dataset):
     """`length` random `patch_size` crops per epoch, with random flips (and 90-degree turns if `rot90`).
 
-    Item `i` of epoch `e` depends only on (seed, e, i), so a resumed run sees the same patches.
+    With `min_foreground` > 0 a crop is drawn uniformly among those that are at least that share field of view
+    (`sdnb.vae.foreground`; images without any are skipped); 0 = any crop. Item `i` of epoch `e` depends only on
+    (seed, e, i), so a resumed run sees the same patches.
     """
 
     def __init__(self, images: DecodedImages, patch_size: int, length: int, seed: int = 0,
-                 hflip: bool = True, vflip: bool = False, rot90: bool = False):
+                 hflip: bool = True, vflip: bool = False, rot90: bool = False, min_foreground: float = 0.0,
+                 foreground_threshold: float = 0.1):
         self.images, self.patch_size, self.length, self.seed = images, patch_size, length, seed
         self.hflip, self.vflip, self.rot90 = hflip, vflip, rot90
         self.epoch = 0
+        self.positions = images.positions(patch_size, min_foreground, foreground_threshold) if min_foreground else None
+        self.usable = [i for i, p in enumerate(self.positions) if p is not None] if self.positions else []
 
     def set_epoch(self, epoch: int) -> None:
         """Called by the training loop at each epoch start."""
@@ -81,12 +98,23 @@ class PatchDataset(Dataset):
     def __len__(self) -> int:
         return self.length
 
+    def place(self, rng: np.random.Generator) -> tuple[int, int, int]:
+        """(image index, top, left) of one random crop."""
+        if self.positions is not None:
+            i = self.usable[int(rng.integers(len(self.usable)))]
+            return (i, *self.positions[i].sample(rng))
+        i = int(rng.integers(len(self.images)))
+        h, w = self.images[i].shape[:2]
+        return i, int(rng.integers(h - self.patch_size + 1)), int(rng.integers(w - self.patch_size + 1))
+
+    def rng(self, i: int) -> np.random.Generator:
+        """The generator of item `i` of this epoch."""
+        return np.random.default_rng([self.seed, self.epoch, i])
+
     def patch(self, rng: np.random.Generator) -> np.ndarray:
         """One random crop, flipped/turned as configured."""
-        image = self.images[int(rng.integers(len(self.images)))]
-        h, w = image.shape[:2]
-        y, x = int(rng.integers(h - self.patch_size + 1)), int(rng.integers(w - self.patch_size + 1))
-        crop = np.asarray(image[y:y + self.patch_size, x:x + self.patch_size])
+        i, y, x = self.place(rng)
+        crop = np.asarray(self.images[i][y:y + self.patch_size, x:x + self.patch_size])
         if self.hflip and rng.random() < 0.5:
             crop = crop[:, ::-1]
         if self.vflip and rng.random() < 0.5:
@@ -96,20 +124,33 @@ class PatchDataset(Dataset):
         return crop
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        return to_tensor(self.patch(np.random.default_rng([self.seed, self.epoch, i])))
+        return to_tensor(self.patch(self.rng(i)))
 
 
-def fixed_patches(images: DecodedImages, patch_size: int, n: int, seed: int) -> torch.Tensor:
-    """A fixed, seeded set of `n` un-augmented patches (N, 3, H, W) in [-1, 1], comparable across checkpoints."""
-    ds = PatchDataset(images, patch_size, n, seed=seed, hflip=False)
+def fixed_patches(images: DecodedImages, patch_size: int, n: int, seed: int, min_foreground: float = 0.0,
+                  foreground_threshold: float = 0.1) -> torch.Tensor:
+    """A fixed, seeded set of `n` un-augmented patches (N, 3, H, W) in [-1, 1], comparable across checkpoints, each
+    at least `min_foreground` field of view."""
+    ds = PatchDataset(images, patch_size, n, seed=seed, hflip=False, min_foreground=min_foreground,
+                      foreground_threshold=foreground_threshold)
     return torch.stack([ds[i] for i in range(n)])
 
 
+def n_source_images(images: DecodedImages, patch_size: int, n: int, seed: int, min_foreground: float = 0.0,
+                    foreground_threshold: float = 0.1) -> int:
+    """How many distinct images the `fixed_patches` with these settings come from."""
+    ds = PatchDataset(images, patch_size, n, seed=seed, hflip=False, min_foreground=min_foreground,
+                      foreground_threshold=foreground_threshold)
+    return len({ds.place(ds.rng(i))[0] for i in range(n)})
+
+
 def held_out_patches(paths: Sequence[Path], patch_size: int, n: int, seed: int = 0,
-                     cache_dir: str | Path | None = None) -> tuple[torch.Tensor, str]:
+                     cache_dir: str | Path | None = None, min_foreground: float = 0.0,
+                     foreground_threshold: float = 0.1) -> tuple[torch.Tensor, str]:
     """The fixed held-out set of 02 and 04: whole images when all share one size no larger than `patch_size`, else
-    `n` seeded patches (images smaller than a patch are padded by reflection). Returns (N, 3, H, W) in [-1, 1]
-    and a sentence saying what it rests on."""
+    `n` seeded patches (images smaller than a patch are padded by reflection), each at least `min_foreground`
+    field of view (0 = any; see `sdnb.vae.foreground`). Returns (N, 3, H, W) in [-1, 1] and a sentence saying what
+    it rests on: "N patches from M images"."""
     sizes = set()
     for p in paths:
         with Image.open(p) as im:
@@ -120,8 +161,14 @@ def held_out_patches(paths: Sequence[Path], patch_size: int, n: int, seed: int =
         images = torch.stack([to_tensor(np.asarray(load_rgb(p))[:h, :w]) for p in paths[:n]])
         return images, f"{len(images)} whole held-out images of {w}x{h}"
     cache = Path(cache_dir) if cache_dir else Path(tempfile.mkdtemp(prefix="sdnb-heldout-"))
-    images = fixed_patches(DecodedImages(paths, cache, min_side=patch_size), patch_size, n=n, seed=seed)
-    return images, f"{n} fixed {patch_size}x{patch_size} patches (seed {seed}) from {len(paths)} held-out images"
+    decoded = DecodedImages(paths, cache, min_side=patch_size)
+    fov = (min_foreground, foreground_threshold)
+    images = fixed_patches(decoded, patch_size, n, seed, *fov)
+    used = n_source_images(decoded, patch_size, n, seed, *fov)
+    rule = (f", each >= {min_foreground:.0%} field of view (foreground_threshold {foreground_threshold:g})"
+            if min_foreground else " (any position: min_foreground 0)")
+    return images, (f"{n} fixed {patch_size}x{patch_size} patches (seed {seed}) from {used} of {len(paths)} "
+                    f"held-out images{rule}")
 
 
 class PatchLatents(Dataset):
@@ -173,6 +220,11 @@ def prepare_data(cfg) -> VAEData:
     else:
         train_paths, val_paths = split_by_image(train_paths, cfg.val_fraction, cfg.seed)
     cache = Path(cfg.run_dir) / "cache"
-    val_patches, description = held_out_patches(val_paths, cfg.patch_size, cfg.n_val_patches, cfg.seed, cache)
-    return VAEData(train_paths, val_paths, DecodedImages(train_paths, cache, min_side=cfg.patch_size), val_patches,
+    fov = (cfg.min_foreground, cfg.foreground_threshold)
+    val_patches, description = held_out_patches(val_paths, cfg.patch_size, cfg.n_val_patches, cfg.seed, cache, *fov)
+    train_images = DecodedImages(train_paths, cache, min_side=cfg.patch_size)
+    if cfg.min_foreground:  # masks now: an image without field of view is named before any model loads
+        usable = sum(p is not None for p in train_images.positions(cfg.patch_size, *fov))
+        description += f"; training patches from {usable} of {len(train_paths)} images, same rule"
+    return VAEData(train_paths, val_paths, train_images, val_patches,
                    description + f" ({len(val_paths)} held-out images, {len(train_paths)} training images)")

@@ -55,7 +55,8 @@ def finetune(cfg: VAEConfig, train_images: DecodedImages, val_patches: torch.Ten
                                cfg.gradient_checkpointing)
     lpips = LPIPS(cfg.lpips_net).to(trainer.device)
     patches = PatchDataset(train_images, cfg.patch_size, cfg.patches_per_epoch, seed=cfg.seed,
-                           hflip=cfg.hflip, vflip=cfg.vflip, rot90=cfg.rot90)
+                           hflip=cfg.hflip, vflip=cfg.vflip, rot90=cfg.rot90, min_foreground=cfg.min_foreground,
+                           foreground_threshold=cfg.foreground_threshold)
     if cfg.cache_latents:
         patches = PatchLatents(patches, vae, trainer.device)
     weights = dict(mse_weight=cfg.mse_weight, l1_weight=cfg.l1_weight, lpips_weight=cfg.lpips_weight,
