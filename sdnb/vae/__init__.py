@@ -3,10 +3,12 @@ changed. The verbs 02_vae_finetune calls; 04_compare reads `compare_vaes` and fr
 
 from sdnb.vae.compare import VAEComparison, compare_vaes, held_out_images, load_vaes, whole_images
 from sdnb.vae.config import VAE_RECIPES, VAEConfig
+from sdnb.vae.control import control_config, control_run, verdict
 from sdnb.vae.data import VAEData, prepare_data
-from sdnb.vae.finetune import finetune, train_from_config
+from sdnb.vae.finetune import finetune, finetune_control, train_from_config
 from sdnb.vae.model import reconstruct
 from sdnb.vae.plot import preview_patches
 
-__all__ = ["VAEComparison", "VAEConfig", "VAEData", "VAE_RECIPES", "compare_vaes", "finetune", "held_out_images",
-           "load_vaes", "prepare_data", "preview_patches", "reconstruct", "train_from_config", "whole_images"]
+__all__ = ["VAEComparison", "VAEConfig", "VAEData", "VAE_RECIPES", "compare_vaes", "control_config", "control_run",
+           "finetune", "finetune_control", "held_out_images", "load_vaes", "prepare_data", "preview_patches",
+           "reconstruct", "train_from_config", "verdict", "whole_images"]
