@@ -49,7 +49,7 @@ def _markdown(section: dict) -> list[str]:
     for t in tables(section):
         lines += [f"*{t.title}*", "", "| " + " | ".join(t.header) + " |", "|" + "---|" * len(t.header)]
         lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in t.rows] + [""]
-    return lines
+    return lines + ([f"In words: {section['verdict']}", ""] if section.get("verdict") else [])
 
 
 def _numbers(run_dir: Path, compare_dir: str | Path) -> list[str]:

@@ -113,6 +113,8 @@ def tables(section: Mapping) -> list[Table]:
         t.rows = [[labels.get(k, NAMES[k])] + [cell(m[k]) if k in m else "-" for m in models.values()] for k in keys]
         out.append(t)
     for group, title in (("wins", "Share of images on which the first model is better"),
+                         ("difference", "Mean paired difference per image, first minus second (PSNR, SSIM: > 0 = "
+                                        "first better; LPIPS: < 0 = first better)"),
                          ("change", "How far apart the two models' outputs are (identical models: PSNR = cap, "
                                     "SSIM 1, LPIPS 0, rFID 0)"),
                          ("between", "Between the two sample sets (identical models: 0)")):
@@ -138,7 +140,8 @@ def text_table(section: Mapping) -> str:
         lines += ["", t.title, "  ".join(h.ljust(w) for h, w in zip(t.header, widths))]
         lines += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in t.rows]
     notes = [v for k, v in section.get("labels", {}).items() if k.endswith("note")]
-    return "\n".join(lines + notes)
+    verdict = ["", "In words: " + section["verdict"]] if section.get("verdict") else []
+    return "\n".join(lines + notes + verdict)
 
 
 def write_metrics(path: str | Path, **sections: Mapping | None) -> Path:

@@ -54,6 +54,10 @@ def test_02_fine_tuning_improves_held_out_reconstructions(vae_run):
     assert tuned["lpips"] < base["lpips"], metrics
     assert tuned["ssim"] > base["ssim"], metrics
     assert metrics["wins"]["finetuned vs base"]["psnr"]["value"] > 0.5  # better on most patches, not on average only
+    control = json.loads((run / "control" / "config.json").read_text())  # the demo trains a control on the photos
+    assert control["control"] and control["max_steps"] == params["02_vae_finetune"]["max_steps"]
+    assert (run / "control" / "final").is_dir() and "finetuned vs control" in metrics["difference"]
+    assert "Finetuned vs control (PSNR" in metrics["verdict"]
     for grid in ("base_reconstructions", "heldout_patches", "heldout_full", "loss"):
         assert (run / "grids" / f"{grid}.png").stat().st_size > 5_000
 
@@ -115,7 +119,8 @@ def test_bad_parameter_fails_in_the_config_cell_naming_it(tiny_assets, tmp_path)
 
 
 def test_02_stopped_and_resumed_from_the_drive_mirror_equals_an_uninterrupted_run(tiny_assets, tmp_path):
-    """20 steps straight vs 10 steps, a lost runtime (local checkpoints gone), then resume="latest" to 20."""
+    """20 steps straight vs 10 steps, a lost runtime (local checkpoints gone), then resume="latest" to 20; the
+    control run (run_dir/control, mirrored to sync_dir/control) too."""
     import csv
     import shutil
 
@@ -128,17 +133,20 @@ def test_02_stopped_and_resumed_from_the_drive_mirror_equals_an_uninterrupted_ru
 
     run_notebook("02_vae_finetune", tmp_path / "a", params("straight", max_steps=20))
     run_notebook("02_vae_finetune", tmp_path / "b", params("resumed", max_steps=10, sync_dir=str(tmp_path / "drive")))
-    shutil.rmtree(tmp_path / "resumed" / "checkpoints")  # the runtime was reset: only the mirror is left
+    for lost in ("checkpoints", "control/checkpoints"):  # the runtime was reset: only the mirror is left
+        shutil.rmtree(tmp_path / "resumed" / lost)
     run_notebook("02_vae_finetune", tmp_path / "b", params("resumed", max_steps=20, sync_dir=str(tmp_path / "drive"),
                                                            resume="latest"))
-    weights = [load_file(tmp_path / run / "final" / "diffusion_pytorch_model.safetensors") for run in ("straight", "resumed")]
-    assert weights[0].keys() == weights[1].keys()
-    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])  # bitwise on CPU
+    for final in ("final", "control/final"):
+        weights = [load_file(tmp_path / run / final / "diffusion_pytorch_model.safetensors") for run in ("straight", "resumed")]
+        assert weights[0].keys() == weights[1].keys()
+        assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])  # bitwise on CPU
 
     def losses(run):
         return [(r["step"], r["loss"]) for r in csv.DictReader(open(tmp_path / run / "log.csv")) if r.get("loss")]
 
     assert len(losses("straight")) == 20 and losses("straight") == losses("resumed")
+    assert losses("straight/control") == losses("resumed/control") != losses("resumed")  # its own run, resumed too
 
 
 def test_02_and_04_write_the_same_vae_metrics_schema(vae_run, tiny_assets, tmp_path):
@@ -157,5 +165,7 @@ def test_02_and_04_write_the_same_vae_metrics_schema(vae_run, tiny_assets, tmp_p
 
     vae02 = json.loads((out / "02_vae_finetune" / "metrics.json").read_text())["vae"]
     vae04 = json.loads((tmp_path / "04" / "metrics.json").read_text())["vae"]
-    assert keys(vae02) == keys(vae04)
+    assert keys(vae02) == keys(vae04) and list(vae04["models"]) == ["base", "finetuned", "control"]  # 'auto' found it
+    same = [v["difference"]["finetuned vs control"]["psnr"]["value"] for v in (vae02, vae04)]
+    assert same[0] == pytest.approx(same[1], rel=1e-4) and "control" in vae04["verdict"]  # the same patches, VAEs
     assert vae02["models"]["finetuned"]["psnr"]["n"] == vae04["models"]["finetuned"]["psnr"]["n"] == 16

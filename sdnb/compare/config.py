@@ -30,7 +30,8 @@ class CompareConfig(BaseConfig):
     base_vae: str = param("CompVis/stable-diffusion-v1-4", help="hub id or folder (subfolder 'vae' is tried)")
     finetuned_vae: str = param("runs/02_vae_finetune/final", help="a run folder of 02 or a VAE folder")
     image_dir: str = param("data/FIVES/test/Original", help="held-out images for the VAE comparison")
-    control_vae: str = param("", help="a VAE trained as many steps on other (e.g. natural) images; '' = none")
+    control_vae: str = param("auto", help="a VAE trained with the same recipe and steps on other (e.g. natural) images; "
+                                          "'auto' = the control run of the 02 run in finetuned_vae, if any; '' = none")
     patch_size: int = param(512, ge=8, multiple_of=8, help="held-out patches; whole images if all are this size or less")
     n_patches: int = param(64, ge=2, help="fixed held-out patches (rFID wants >= 50)")
     min_foreground: float = param(0.5, ge=0, le=1, help="share of each held-out patch that must be field of view; 0 = any")

@@ -49,7 +49,7 @@ class Section:
 CSS = ("body{font-family:sans-serif;max-width:1150px;margin:1em auto;color:#222}table{border-collapse:collapse;"
        "margin:.5em 0}td,th{border:1px solid #999;padding:3px 8px;font-size:13px;text-align:left}th{background:#eee}"
        "img{max-width:100%;border:1px solid #ccc}figure{margin:1em 0}figcaption{font-size:13px;color:#555}"
-       ".note{font-size:13px;color:#444}")
+       ".note{font-size:13px;color:#444}.verdict{background:#f4f4e8;padding:6px 10px;border-left:4px solid #997}")
 
 
 def write_report(path: str | Path, title: str, sections: Sequence[Section], footer: str = "") -> Path:
@@ -68,6 +68,8 @@ def write_report(path: str | Path, title: str, sections: Sequence[Section], foot
             parts += [_html_table(t) for t in tables(s.metrics)]
             notes = [v for k, v in s.metrics.get("labels", {}).items() if k.endswith("note")]
             parts += [f"<p class='note'>{html.escape(n)}</p>" for n in notes]
+            if s.metrics.get("verdict"):
+                parts.append(f"<p class='verdict'><b>In words:</b> {html.escape(s.metrics['verdict'])}</p>")
         parts += [_img(p, c) for c, p in s.figures if Path(p).is_file()]
         parts.append("</section>")
     if footer:

@@ -36,13 +36,16 @@ ALLOWED = frozenset({
     "n_val_patches", "tile_size", "fid_features", "n_bootstrap",
     # what is done with the result (export, Hub) and where the base model's config is read from
     "export_single_file", "hub_repo_id", "hub_private", "model_config",
+    # 02's control run is its own run (run_dir/control): the fine-tuned run does not read it (a control run refuses
+    # a change, see REFUSED_IN)
+    "control_image_dir",
 })
 
 REFUSED = frozenset({
     "stage", "seed",  # the seed drives the data order and every process's RNG stream
     # the data and its split
     "image_dir", "val_image_dir", "val_fraction", "data_dir", "patch_size", "patches_per_epoch", "resolution",
-    "cache_latents", "min_foreground", "foreground_threshold",
+    "cache_latents", "min_foreground", "foreground_threshold", "control",
     # augmentation
     "hflip", "vflip", "rot90", "flip", "crop_jitter", "caption_dropout",
     # the model and what is trained
@@ -53,6 +56,10 @@ REFUSED = frozenset({
     # the loss
     "mse_weight", "l1_weight", "lpips_weight", "lpips_net", "kl_weight", "snr_gamma", "noise_offset",
 })
+
+# Allowed fields that a run refuses to change when the flag named here is true in its config: what a control run of 02
+# (control=True) trains on.
+REFUSED_IN = {"control_image_dir": "control"}
 
 ABSENT = "<absent>"  # a field one config does not have (saved by an older sdnb, or of another stage)
 
@@ -114,7 +121,7 @@ def compare_configs(saved: dict[str, Any], new: dict[str, Any], allowed: set[str
         old, now = _plain(saved.get(name, ABSENT)), _plain(new.get(name, ABSENT))
         if old == now:
             continue
-        if name in allowed:
+        if name in allowed and not new.get(REFUSED_IN.get(name, ""), False):
             changes.allowed.append((name, old, now))
         elif name not in saved or name not in new:
             changes.unknown.append((name, old, now))

@@ -22,6 +22,7 @@ from sdnb import metrics
 from sdnb.data.images import find_images, load_rgb, to_tensor
 from sdnb.models import load_vae
 from sdnb.stats import HIGHER_IS_BETTER, fid_entry, mean_entry, text_table
+from sdnb.vae.control import control_run, verdict
 from sdnb.vae.data import held_out_patches
 from sdnb.vae.model import reconstruct, scale_factor
 from sdnb.vae.tiling import decode_tiled, encode_tiled
@@ -39,7 +40,8 @@ def held_out_images(image_dir: str | Path, patch_size: int, n: int, seed: int = 
 def load_vaes(base: str, finetuned: str, control: str = "", device: torch.device | str = "cpu",
               config: str = "") -> dict[str, AutoencoderKL]:
     """{'base', 'finetuned'[, 'control']}: hub ids, pipeline folders, VAE folders, run folders of 02 or single files
-    (their configuration from `config`, see `sdnb.models`)."""
+    (their configuration from `config`, see `sdnb.models`); control 'auto' = the control run beside a 02 run, if any."""
+    control = control_run(finetuned, control)
     refs = {"base": ("base_vae", base), "finetuned": ("finetuned_vae", finetuned), "control": ("control_vae", control)}
     vaes = {}
     for name, (parameter, ref) in refs.items():
@@ -71,14 +73,28 @@ def _pairs(names: list[str]) -> list[tuple[str, str]]:
     return pairs + ([(names[1], names[2])] if len(names) >= 3 else [])
 
 
+def _paired(a: Mapping[str, list], b: Mapping[str, list], n_bootstrap: int, seed: int) -> tuple[dict, dict]:
+    """Two VAEs' per-image metrics on the same images: the share of images on which `a` is strictly better (with the
+    share of ties), and the mean paired difference a - b, each with its bootstrap interval."""
+    wins, difference = {}, {}
+    for m in ("psnr", "ssim", "lpips"):
+        va, vb = np.asarray(a[m]), np.asarray(b[m])
+        better = va > vb if HIGHER_IS_BETTER[m] else va < vb
+        wins[m] = {**mean_entry(better.astype(float), n_bootstrap, seed), "ties": float(np.mean(va == vb))}
+        difference[m] = mean_entry(va - vb, n_bootstrap, seed)
+    return wins, difference
+
+
 def compare_vaes(vaes: Mapping[str, AutoencoderKL], images: torch.Tensor, lpips: nn.Module,
                  features: str | nn.Module = "auto", n_bootstrap: int = 1000, seed: int = 0, batch_size: int = 8,
                  description: str = "") -> VAEComparison:
     """Reconstruct the held-out images with each VAE (the first is the base) and measure them.
 
     metrics = {"models": {name: {psnr, ssim, lpips, rfid}}, "wins": {"A vs B": {metric: share of images on
-    which A is strictly better}}, "change": {"A vs B": the same metrics between A's and B's reconstructions
-    (identical models: PSNR = metrics.PSNR_CAP, LPIPS 0, rFID 0)}, "labels", "n_images", "description"}.
+    which A is strictly better}}, "difference": {"A vs B": {metric: mean of A's minus B's per-image value}},
+    "change": {"A vs B": the same metrics between A's and B's reconstructions (identical models: PSNR =
+    metrics.PSNR_CAP, LPIPS 0, rFID 0)}, "verdict": in words, does the second (fine-tuned) beat the first (base) and
+    the third (control), "labels", "n_images", "description"}. Pairs: each against the base, fine-tuned vs control.
     """
     names = list(vaes)
     recons = {k: reconstruct(vae, images, batch_size) for k, vae in vaes.items()}
@@ -86,9 +102,10 @@ def compare_vaes(vaes: Mapping[str, AutoencoderKL], images: torch.Tensor, lpips:
     extractor, feature_label = metrics.feature_extractor(features, next(lpips.parameters()).device)
     feats = {k: metrics.image_features(r, extractor) for k, r in recons.items()}
     feats_orig = metrics.image_features(images, extractor)
-    out: dict = {"description": description, "n_images": len(images), "models": {}, "wins": {}, "change": {},
-                 "labels": {"psnr": f"PSNR (dB, [-1, 1] range; identical = {metrics.PSNR_CAP:g})", "ssim": "SSIM",
-                            "lpips": getattr(lpips, "label", "LPIPS"), "rfid": f"rFID ({feature_label})"}}
+    out: dict = {"description": description, "n_images": len(images), "models": {}, "wins": {}, "difference": {},
+                 "change": {}, "labels": {"psnr": f"PSNR (dB, [-1, 1] range; identical = {metrics.PSNR_CAP:g})",
+                                           "ssim": "SSIM", "lpips": getattr(lpips, "label", "LPIPS"),
+                                           "rfid": f"rFID ({feature_label})"}}
     if len(images) < 50:
         out["labels"]["rfid_note"] = (f"rFID on {len(images)} images is dominated by sampling noise and grows as n "
                                       "shrinks: compare rFIDs only at equal n, and trust the per-image metrics more.")
@@ -97,16 +114,13 @@ def compare_vaes(vaes: Mapping[str, AutoencoderKL], images: torch.Tensor, lpips:
         row["rfid"] = fid_entry(feats_orig, feats[k], paired=True, n_bootstrap=n_bootstrap, seed=seed)
         out["models"][k] = row
     for a, b in _pairs(names):
-        wins = {}
-        for m in ("psnr", "ssim", "lpips"):
-            va, vb = np.asarray(per_image[a][m]), np.asarray(per_image[b][m])
-            better = va > vb if HIGHER_IS_BETTER[m] else va < vb
-            wins[m] = {**mean_entry(better.astype(float), n_bootstrap, seed), "ties": float(np.mean(va == vb))}
-        out["wins"][f"{a} vs {b}"] = wins
+        out["wins"][f"{a} vs {b}"], out["difference"][f"{a} vs {b}"] = _paired(per_image[a], per_image[b],
+                                                                              n_bootstrap, seed)
         change = {m: mean_entry(v, n_bootstrap, seed) for m, v in metrics.per_image_metrics(recons[a], recons[b], lpips,
                                                                                     batch_size).items()}
         change["rfid"] = fid_entry(feats[b], feats[a], paired=True, n_bootstrap=n_bootstrap, seed=seed)
         out["change"][f"{a} vs {b}"] = change
+    out["verdict"] = verdict(out, names)
     out["per_image"] = per_image
     return VAEComparison(images, recons, out)
 

@@ -41,6 +41,10 @@ class VAEConfig(TrainConfig):
     image_dir: str = param("data/FIVES/train/Original", pattern=r".+", help="folder of large training images")
     val_image_dir: str = param("", help="held-out images; '' = a seeded split of image_dir")
     val_fraction: float = param(0.2, gt=0, le=0.5, help="share of image_dir held out when val_image_dir is ''")
+    control_image_dir: str = param("", help="other images (e.g. natural photos) for a control VAE trained with the "
+                                            "same recipe and steps (run_dir/control); '' = no control")
+    control: bool = param(False, help="True in the control run's own config (sdnb.vae.control): it trains on "
+                                      "control_image_dir and is measured on image_dir's held-out images")
     model_id: str = param("CompVis/stable-diffusion-v1-4", pattern=r".+")
     model_subfolder: str = param("vae", help="'' when model_id is a VAE folder itself")
     model_config: str = param("", help="for a single .safetensors/.ckpt model_id: the base model's folder or hub id "
@@ -95,6 +99,14 @@ class VAEConfig(TrainConfig):
                               f"image_dir={self.image_dir!r}, so the held-out metrics would be measured on training "
                               "images; choose a separate folder, or val_image_dir='' to hold out val_fraction of "
                               "image_dir by image")
+        for name in ("image_dir", "val_image_dir"):
+            if self.control_image_dir and getattr(self, name) and overlap(self.control_image_dir, getattr(self, name)):
+                raise ConfigError(f"control_image_dir={self.control_image_dir!r} is not accepted: it is, contains or "
+                                  f"lies inside {name}={getattr(self, name)!r}, so the control would train on the "
+                                  "domain images; choose a folder of other images (e.g. natural photos)")
+        if self.control and not self.control_image_dir:
+            raise ConfigError("control=True is not accepted with control_image_dir='': a control run trains on "
+                              "control_image_dir")
         if self.cache_latents and self.trainable != "decoder":
             raise ConfigError("cache_latents=True is not accepted with trainable='all': cached latents need a frozen "
                               "encoder (set trainable='decoder' or recipe='ft-mse')")

@@ -17,7 +17,8 @@ from sdnb.models import load_vae
 from sdnb.train import Trainer, TrainResult
 from sdnb.train.trackers import log_images
 from sdnb.vae.config import VAEConfig
-from sdnb.vae.data import DecodedImages, PatchDataset, PatchLatents, prepare_data
+from sdnb.vae.control import control_config, control_data
+from sdnb.vae.data import DecodedImages, PatchDataset, PatchLatents, VAEData, prepare_data
 from sdnb.vae.model import VAEWithPosterior, prepare_for_training, reconstruct, vae_loss
 
 
@@ -78,8 +79,24 @@ def finetune(cfg: VAEConfig, train_images: DecodedImages, val_patches: torch.Ten
     return trainer.fit({"vae": VAEWithPosterior(vae)}, step_fn, patches, evaluate=evaluate_fn, save_final=save_final)
 
 
+def finetune_control(cfg: VAEConfig, data: VAEData) -> TrainResult | None:
+    """The control run of a 02 config, when `control_image_dir` is set: the same recipe, steps and seed on those
+    images, evaluated on the same held-out patches (`data.val_patches`), in `run_dir/control` with its own config,
+    checkpoints, log and final/ (`resume` continues it like the fine-tuned run). None, with a note, without one."""
+    if not cfg.control_image_dir:
+        print("control_image_dir='': no control run, so a gain over the base cannot be told apart from more training")
+        return None
+    ccfg = control_config(cfg)
+    ccfg.save()
+    cdata = control_data(ccfg, data)
+    print(cdata.description)
+    return finetune(ccfg, cdata.train_images, data.val_patches)
+
+
 def train_from_config(config: dict) -> TrainResult:
-    """What `python -m sdnb.train run_dir/config.json` runs for a 02_vae_finetune config."""
+    """What `python -m sdnb.train run_dir/config.json` runs for a 02_vae_finetune config (a control run's too)."""
     cfg = VAEConfig.from_dict(config)
     data = prepare_data(cfg)
+    if cfg.control:
+        data = control_data(cfg, data)
     return finetune(cfg, data.train_images, data.val_patches)
