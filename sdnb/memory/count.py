@@ -8,7 +8,7 @@ import weakref
 from collections.abc import Callable, Iterable
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
@@ -68,8 +68,22 @@ class LiveBytes(TorchDispatchMode):
 
 
 def fake_tensors() -> FakeTensorMode:
-    """The mode models are built and stepped in for a plan: tensors with shapes and dtypes, and no memory."""
+    """The mode a plan's step runs in: tensors with shapes and dtypes, and no memory."""
     return FakeTensorMode(allow_non_fake_inputs=True)
+
+
+def to_fake(mode: FakeTensorMode, *modules: nn.Module) -> None:
+    """Turn the meta-device parameters and buffers of `modules` (built under `torch.device("meta")`, where `Module.to`
+    and LoRA adapters work as on a real device) into fake CPU tensors of the same shapes and dtypes."""
+    fake = lambda t: mode.fake_tensor_converter.from_meta_and_device(mode, t, torch.device("cpu"))  # noqa: E731
+    for module in modules:
+        for sub in module.modules():
+            for name, p in sub._parameters.items():
+                if p is not None:
+                    sub._parameters[name] = nn.Parameter(fake(p.detach()), requires_grad=p.requires_grad)
+            for name, b in sub._buffers.items():
+                if b is not None:
+                    sub._buffers[name] = fake(b)
 
 
 def step_peak(step: Callable[[], Tensor], trainable: Iterable[Tensor], precision: str) -> tuple[int, int]:

@@ -208,7 +208,8 @@ def plan(title: str, measure: Measure, choices: Choices, device: torch.device, r
     def use(c: Choices) -> Usage:
         key = replace(c, optimizer="adamw", ema=False, grad_accum=1)
         if key not in memo:
-            memo[key] = measure(key)
+            with torch.random.fork_rng(devices=[]):  # building models draws nothing from the run's generators
+                memo[key] = measure(key)
         return usage(c, *memo[key])
 
     plans = Plans()

@@ -4,7 +4,7 @@ noise, predict, loss), run once on fake tensors of the models' real architecture
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+import warnings
 from typing import Any
 
 import torch
@@ -13,6 +13,7 @@ from torch import Tensor
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from sdnb.memory import HALF, Choices, Plans, fake_tensors, plan, step_peak
+from sdnb.memory.count import to_fake
 from sdnb.runtime import pick_device
 from sdnb.sd.config import SDConfig
 from sdnb.sd.model import SDParts, make_step_fn, trainable_models
@@ -26,30 +27,17 @@ def architectures(parts: SDParts) -> dict[str, Any]:
             "noise_scheduler": dict(parts.noise_scheduler.config)}
 
 
-@contextmanager
-def default_dtype(dtype: torch.dtype):
-    """Build modules with parameters in `dtype` (fake tensors cannot be converted afterwards: `Module.to` swaps them)."""
-    before = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(before)
-
-
-def fake_parts(configs: dict[str, Any], frozen_dtype: torch.dtype, train_text_encoder: bool, lora: bool) -> SDParts:
-    """SD's pieces with the real architectures on fake tensors (no memory), in the dtypes `SDParts.to` gives them on
-    the device: frozen models (and a LoRA's base weights) in `frozen_dtype`; call inside `fake_tensors()`."""
+def meta_parts(configs: dict[str, Any]) -> SDParts:
+    """SD's pieces with the real architectures on the meta device (no memory), frozen; call under
+    `torch.device("meta")`."""
     te_config = configs["text_encoder"]
     if isinstance(te_config, dict):
         te_config = CLIPTextConfig(**te_config)
-    with default_dtype(frozen_dtype if lora else torch.float32):
-        unet = UNet2DConditionModel.from_config(configs["unet"]).requires_grad_(False)
-    with default_dtype(frozen_dtype):
-        vae = AutoencoderKL.from_config(configs["vae"]).eval().requires_grad_(False)
-    with default_dtype(torch.float32 if train_text_encoder and not lora else frozen_dtype):
-        text_encoder = CLIPTextModel(te_config).eval().requires_grad_(False)
-    noise = DDPMScheduler.from_config(configs.get("noise_scheduler") or {})
+    unet = UNet2DConditionModel.from_config(configs["unet"]).requires_grad_(False)
+    vae = AutoencoderKL.from_config(configs["vae"]).eval().requires_grad_(False)
+    text_encoder = CLIPTextModel(te_config).eval().requires_grad_(False)
+    with torch.device("cpu"):  # the schedule's tables are real tensors
+        noise = DDPMScheduler.from_config(configs.get("noise_scheduler") or {})
     return SDParts(unet, vae, text_encoder, None, noise, noise)
 
 
@@ -65,10 +53,15 @@ def fake_batch(cfg: SDConfig, c: Choices, max_length: int) -> dict[str, Tensor]:
 def measure(cfg: SDConfig, configs: dict[str, Any]):
     """`sdnb.memory.Measure` for 03: (trained parameters, frozen ones, step peak, step peak without gradients)."""
     def run(c: Choices) -> tuple[list[Tensor], list[Tensor], int, int]:
-        with fake_tensors():
-            parts = fake_parts(configs, HALF.get(c.precision, torch.float32), cfg.train_text_encoder, c.lora_rank > 0)
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # diffusers' note on casting with to()
+            parts = meta_parts(configs)
             models = trainable_models(parts, cfg.train_text_encoder, c.gradient_checkpointing, c.lora_rank,
                                       cfg.lora_alpha)
+            parts.to("meta", HALF.get(c.precision, torch.float32))  # as on the GPU: frozen models in half precision
+        mode = fake_tensors()
+        to_fake(mode, parts.unet, parts.vae, parts.text_encoder)
+        with mode:
             trained = [p for m in models.values() for p in m.parameters() if p.requires_grad]
             frozen = [p for m in (parts.unet, parts.vae, parts.text_encoder) for p in m.parameters()
                       if not p.requires_grad]

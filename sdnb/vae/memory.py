@@ -10,6 +10,7 @@ from diffusers import AutoencoderKL
 from torch import Tensor, nn
 
 from sdnb.memory import Choices, Plans, fake_tensors, plan, step_peak
+from sdnb.memory.count import to_fake
 from sdnb.runtime import pick_device
 from sdnb.vae.config import VAEConfig
 from sdnb.vae.model import VAEWithPosterior, prepare_for_training, scale_factor, vae_loss
@@ -31,8 +32,11 @@ def measure(cfg: VAEConfig, config: dict[str, Any], lpips: nn.Module | None):
                    kl_weight=cfg.kl_weight)
 
     def run(c: Choices) -> tuple[list[Tensor], list[Tensor], int, int]:
-        with fake_tensors():
+        with torch.device("meta"):
             vae = prepare_for_training(AutoencoderKL.from_config(config), cfg.trainable, c.gradient_checkpointing)
+        mode = fake_tensors()
+        to_fake(mode, vae)
+        with mode:
             model, batch = VAEWithPosterior(vae), fake_batch(cfg, vae, c)
             trained = [p for p in vae.parameters() if p.requires_grad]
             frozen = [p for p in vae.parameters() if not p.requires_grad] + \
