@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import platform
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,18 +59,31 @@ def pick_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-def pick_precision(device: torch.device, mixed_precision: str = "auto") -> str:
-    """Accelerate's mixed-precision name: bf16 where the GPU has it, fp16 autocast otherwise, 'no' on CPU/MPS.
+def choose_precision(capability: tuple[int, int] | None, requested: str = "auto") -> str:
+    """Accelerate's mixed-precision name for a CUDA GPU of compute `capability` (None: no CUDA GPU).
 
-    Master weights stay fp32 in every case; only the forward/backward run in half precision.
+    'auto': bf16 only where the GPU has bf16 hardware (compute capability 8.0, Ampere, and newer), fp16 autocast with
+    a gradient scaler on older GPUs (a T4 is 7.5: `torch.cuda.is_bf16_supported()` says True there, as it counts
+    emulation, which is slow), 'no' without a CUDA GPU. Master weights stay fp32 in every case; only the forward
+    and backward run in half precision.
     """
-    if mixed_precision != "auto":
-        if mixed_precision == "fp16" and device.type == "cpu":
+    if requested != "auto":
+        if requested == "fp16" and capability is None:
             raise ValueError("mixed_precision='fp16' needs a GPU; use 'no' or 'bf16' on CPU")
-        return mixed_precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "no"
+        return requested
+    if capability is None:
+        return "no"
+    return "bf16" if tuple(capability) >= (8, 0) else "fp16"
+
+
+def pick_precision(device: torch.device, mixed_precision: str = "auto") -> str:
+    """`choose_precision` for `device` ('auto' gives 'no' on CPU and MPS); an explicit bf16 on a GPU without bf16
+    hardware is kept, with a warning that it is emulated."""
+    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+    if mixed_precision == "bf16" and capability is not None and tuple(capability) < (8, 0):
+        warnings.warn(f"mixed_precision='bf16' on a GPU of compute capability {capability[0]}.{capability[1]}: it has no "
+                      "bf16 hardware, so bf16 is emulated and slow; 'auto' picks fp16 autocast there", stacklevel=2)
+    return choose_precision(capability, mixed_precision)
 
 
 HALF_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}

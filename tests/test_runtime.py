@@ -45,3 +45,23 @@ def test_setup_prints_one_line_with_versions(capsys):
     line = capsys.readouterr().out.strip()
     assert rt.device.type == "cpu" and rt.mixed_precision == "no"
     assert "\n" not in line and f"torch {torch.__version__}" in line and "RAM" in line
+
+
+@pytest.mark.parametrize("capability, requested, expected", [
+    ((7, 5), "auto", "fp16"),  # a T4: bf16 only emulated (is_bf16_supported() says True there)
+    ((7, 0), "auto", "fp16"),  # a V100
+    ((8, 0), "auto", "bf16"),  # an A100
+    ((8, 9), "auto", "bf16"),  # an L4
+    ((9, 0), "auto", "bf16"),  # an H100
+    (None, "auto", "no"),  # no CUDA GPU
+    ((7, 5), "no", "no"),  # an explicit choice is kept
+    ((7, 5), "bf16", "bf16"),
+    (None, "bf16", "bf16"),
+])
+def test_auto_precision_never_picks_emulated_bf16(capability, requested, expected):
+    assert runtime.choose_precision(capability, requested) == expected
+
+
+def test_fp16_without_a_gpu_is_refused():
+    with pytest.raises(ValueError, match="mixed_precision='fp16' needs a GPU"):
+        runtime.choose_precision(None, "fp16")

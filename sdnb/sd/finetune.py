@@ -25,6 +25,7 @@ from sdnb.runtime import weights_dtype
 from sdnb.sd.buckets import BucketDataset
 from sdnb.sd.config import SDConfig
 from sdnb.sd.data import ImageLatents, build_datasets
+from sdnb.sd.memory import memory_plan
 from sdnb.sd.model import SDParts, StableValidation, load_parts, make_step_fn, trainable_models
 from sdnb.sd.outputs import WeightsMirror, drive_budget, overfit_report, save_weights, training_summary
 from sdnb.sd.plot import plot_validation
@@ -163,6 +164,8 @@ def finetune(cfg: SDConfig, parts: SDParts, train_ds: BucketDataset, batches: Ca
     # with weights-only sync the loop mirrors nothing; the callbacks mirror fp16 UNet weights
     trainer = Trainer(replace(cfg, sync_dir="") if sync_what == "weights" else cfg, config=cfg.to_dict())
     device = trainer.device
+    if trainer.is_main:  # before anything moves to the device, whose free memory the plan reads
+        print(memory_plan(cfg, parts, device=device), flush=True)
     models = trainable_models(parts, cfg.train_text_encoder, cfg.gradient_checkpointing, cfg.lora_rank, cfg.lora_alpha)
     parts.to(device, weights_dtype(trainer.accelerator.mixed_precision, device))
     report_trainable(cfg, models, trainer.is_main)

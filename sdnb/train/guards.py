@@ -36,8 +36,9 @@ def before_save(accelerator: Accelerator, run_dir: Path, step: int, models: Mapp
     if bad:  # NaN weights are never saved as "the last good checkpoint"
         raise NonFiniteLossError(f"not saving a checkpoint at step {step}: the weights hold NaN or inf "
                                  f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}). The last good checkpoint "
-                                 f"is {last_good or 'none (none saved yet)'}: resume from it with a lower lr, or "
-                                 "mixed_precision='bf16' or 'no' if this ran in fp16")
+                                 f"is {last_good or 'none (none saved yet)'}: resume from it with a lower lr, or, if "
+                                 "this ran in fp16, mixed_precision='no' (fp32) or 'bf16' on a GPU that has it (Ampere "
+                                 "or newer)")
 
     def room() -> None:
         for lock in locks:

@@ -183,7 +183,7 @@ class Trainer:
         self._fitted = True
         found = on_main(acc, self._start)  # the locks, then the checkpoint to continue from (None: a fresh run)
         groups = param_groups(models, lrs, s.lr)
-        self.optimizer = make_optimizer(s, groups, self.device)
+        self.optimizer = make_optimizer(s, groups, self.device, show=self.is_main)
         batches_fn = batch_sampler_fn or shuffled_batches(len(dataset), s.batch_size, s.seed)
         per_epoch = max(1, len(batches_fn(0)) // acc.num_processes // s.grad_accum)
         self.total_steps = min(n for n in (s.max_steps, s.max_epochs * per_epoch) if n > 0)

@@ -19,6 +19,7 @@ from sdnb.train.trackers import log_images
 from sdnb.vae.config import VAEConfig
 from sdnb.vae.control import control_config, control_data
 from sdnb.vae.data import DecodedImages, PatchDataset, PatchLatents, VAEData, prepare_data
+from sdnb.vae.memory import memory_plan
 from sdnb.vae.model import VAEWithPosterior, prepare_for_training, reconstruct, vae_loss
 
 
@@ -54,7 +55,10 @@ def finetune(cfg: VAEConfig, train_images: DecodedImages, val_patches: torch.Ten
     trainer = Trainer(cfg, config=cfg.to_dict())
     vae = prepare_for_training(load_vae(cfg.model_id, cfg.model_subfolder, config=cfg.model_config), cfg.trainable,
                                cfg.gradient_checkpointing)
-    lpips = LPIPS(cfg.lpips_net).to(trainer.device)
+    lpips = LPIPS(cfg.lpips_net)
+    if trainer.is_main:  # before anything moves to the device, whose free memory the plan reads
+        print(memory_plan(cfg, vae, lpips=lpips, device=trainer.device), flush=True)
+    lpips = lpips.to(trainer.device)
     patches = PatchDataset(train_images, cfg.patch_size, cfg.patches_per_epoch, seed=cfg.seed,
                            hflip=cfg.hflip, vflip=cfg.vflip, rot90=cfg.rot90, min_foreground=cfg.min_foreground,
                            foreground_threshold=cfg.foreground_threshold)

@@ -219,7 +219,10 @@ def test_lora_trains_resumes_bitwise_and_checkpoints_only_the_adapter(sd_dir, ca
         return cfg
 
     straight = run("straight", log_with="tensorboard", sample_prompts=["a cat"]).path
-    assert "LoRA rank 4 (alpha 4) of unet: 9,984 trainable parameters of 802,948 (1.24%)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "LoRA rank 4 (alpha 4) of unet: 9,984 trainable parameters of 802,948 (1.24%)" in out
+    assert "Memory plan, SD UNet, on this CPU" in out and "on a 16 GB Tesla T4 (Colab)" in out  # before training
+    assert out.index("Memory plan") < out.index("LoRA rank 4 (alpha 4) of unet")
     run("resumed", max_steps=2, sample_prompts=[])
     resumed = run("resumed", resume="latest", sample_prompts=[]).path
     full = run("full", lora_rank=0, lr=1e-4, max_steps=2, sample_prompts=[]).path

@@ -117,7 +117,7 @@ def test_fit_gives_back_the_optimizer_and_gradients_without_the_garbage_collecto
                                                                                 monkeypatch) -> None:
     made = []
     real = loop.make_optimizer
-    monkeypatch.setattr(loop, "make_optimizer", lambda *a: made.append(real(*a)) or made[-1])
+    monkeypatch.setattr(loop, "make_optimizer", lambda *a, **k: made.append(real(*a, **k)) or made[-1])
     trainer, model = Trainer(settings(tmp_path, max_steps=3)), AE(tiny_vae())
     gc.disable()
     try:

@@ -18,6 +18,7 @@ from torch import nn
 from sdnb.config import ConfigError
 from sdnb.train import NonFiniteLossError, Trainer, plot_losses, read_log
 from sdnb.train.__main__ import main
+from sdnb.train.parts import choose_optimizer
 from tests.train.harness import AE, HERE, Patches, logged, max_abs_diff, settings, step_fn, tiny_vae, train
 
 
@@ -187,3 +188,12 @@ def test_two_processes_share_the_data_and_end_with_the_same_weights(tmp_path: Pa
     print(f"2 processes vs 1 process accumulating: max abs weight difference {diff:g}")
     assert diff < 1e-5
     assert json.loads((tmp_path / "ddp/checkpoints/step-000004/sdnb_state.json").read_text())["num_processes"] == 2
+
+
+def test_auto_optimizer_says_what_it_picked_and_how_to_get_8bit(tmp_path: Path, capsys, monkeypatch) -> None:
+    train(tmp_path, optimizer="auto", max_steps=2)
+    assert "optimizer='auto' -> AdamW: 8-bit AdamW (bitsandbytes) needs a CUDA GPU" in capsys.readouterr().out
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as on a Colab GPU runtime without the colab extra
+    name, why = choose_optimizer("auto", torch.device("cuda"))
+    assert name == "adamw" and "bitsandbytes is not installed" in why and 'pip install "sdnb[colab]"' in why
+    assert choose_optimizer("radam", torch.device("cuda")) == ("radam", "")

@@ -53,6 +53,7 @@ def test_module_entry_point_trains_from_the_saved_config(tiny_assets, tmp_path):
     path = cfg.save()
     done = subprocess.run([sys.executable, "-m", "sdnb.train", str(path)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
+    assert "Memory plan, SD VAE (encoder and decoder), on a 16 GB Tesla T4 (Colab)" in done.stdout
     vae = load_vae(str(tmp_path / "run"))  # a run folder loads through its final/
     assert vae.config.latent_channels == 4
     assert json.loads(path.read_text())["stage"] == "vae"
