@@ -16,6 +16,26 @@ Sources (the public ``config.json`` files these dicts copy; keys that only recor
 
 from __future__ import annotations
 
+import argparse
+import gc
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import diffusers
+import numpy as np
+import torch
+from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+from safetensors import safe_open
+from tqdm.auto import tqdm
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from sdnb.demo.clip import build_tiny_clip
+from sdnb.demo.models import _drop_load_time_keys, write_blip, write_clip_tokenizer_files
+from sdnb.demo.tiny import TinyAssets, write_fundus, write_photos
+from sdnb.demo.tiny import main as tiny_main
+
 SD15_UNET = {
     "act_fn": "silu",
     "attention_head_dim": 8,
@@ -149,3 +169,106 @@ CLIP_VIT_L14_IMAGE_SIZE = 224
 # Parameter counts of the real checkpoints (what a model built from these dicts must have).
 PARAMS = {"unet": 859_520_964, "vae": 83_653_863, "text_encoder": 123_060_480, "blip": 223_971_644,
           "clip": 427_616_513}
+
+
+# ---- the writer: `python -m sdnb.tiny DIR --full-size` ------------------------------------------------------------
+
+FULL_VERSION = 1
+FULL_STAMP = ".sdnb-full.json"
+
+
+def full_assets_at(out_dir: str | Path) -> TinyAssets:
+    """The paths `build_full(out_dir)` writes: the same fields as the tiny build, real shapes."""
+    root = Path(out_dir)
+    return TinyAssets(root, root / "sd15", root / "blip-base", root / "fundus" / "train", root / "fundus" / "val",
+                      root / "photos", root / "clip-vit-l14")
+
+
+def _save(model, folder: Path) -> int:
+    """`save_pretrained` in fp32 safetensors; returns the parameter count."""
+    model.save_pretrained(folder, safe_serialization=True)
+    return sum(p.numel() for p in model.parameters())
+
+
+def write_sd_full(out: Path, seed: int = 0, progress: bool = True) -> dict:
+    """SD v1.5's shapes, random-initialised, in the hub layout (`model_index.json`, unet/, vae/, text_encoder/,
+    tokenizer/, scheduler/). One model is built, saved and freed at a time (the UNet alone is 3.4 GB in fp32)."""
+    write_clip_tokenizer_files(out / "tokenizer")
+    tokenizer = CLIPTokenizer.from_pretrained(out / "tokenizer", model_max_length=SD15_TOKENIZER_MAX_LENGTH)
+    tokenizer.save_pretrained(out / "tokenizer")
+    _drop_load_time_keys(out / "tokenizer" / "tokenizer_config.json")
+    PNDMScheduler.from_config(SD15_SCHEDULER).save_pretrained(out / "scheduler")
+    builders = {"text_encoder": lambda: CLIPTextModel(CLIPTextConfig(**SD15_TEXT_ENCODER)),
+                "vae": lambda: AutoencoderKL(**SD15_VAE), "unet": lambda: UNet2DConditionModel(**SD15_UNET)}
+    counts = {}
+    for i, (name, make) in enumerate(tqdm(builders.items(), desc="full-size SD v1.5", disable=not progress)):
+        torch.manual_seed(seed + 1 + i)
+        model = make()
+        counts[name] = _save(model, out / name)
+        del model
+        gc.collect()
+    index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": diffusers.__version__,
+             "feature_extractor": [None, None], "image_encoder": [None, None], "requires_safety_checker": False,
+             "safety_checker": [None, None], "scheduler": ["diffusers", "PNDMScheduler"],
+             "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}
+    (out / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return counts
+
+
+def is_full_built(out_dir: str | Path, seed: int = 0) -> bool:
+    """True if `out_dir` holds a complete full-size build of this version with this seed."""
+    stamp = Path(out_dir) / FULL_STAMP
+    try:
+        info = json.loads(stamp.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return info.get("version") == FULL_VERSION and info.get("seed") == seed
+
+
+def build_full(out_dir: str | Path, seed: int = 0, force: bool = False, progress: bool = True) -> TinyAssets:
+    """Write random-initialised SD v1.5, BLIP-base and CLIP ViT-L/14 (fp32, ~5.6 GB) with the tiny build's images
+    under `out_dir`, or return at once if there. Peak memory is about one model (the UNet: ~3.5 GB)."""
+    a = full_assets_at(out_dir)
+    if not force and is_full_built(a.root, seed):
+        return a
+    a.root.mkdir(parents=True, exist_ok=True)
+    (a.root / FULL_STAMP).unlink(missing_ok=True)
+    for d in (a.sd, a.blip, a.fundus_train.parent, a.photos, a.clip):
+        shutil.rmtree(d, ignore_errors=True)
+    write_photos(a.photos)
+    write_fundus(a.fundus_train.parent)
+    counts = write_sd_full(a.sd, seed, progress)
+    write_blip(a.blip, seed=seed, image_size=BLIP_BASE_IMAGE_SIZE, shapes=BLIP_BASE)
+    gc.collect()
+    build_tiny_clip(a.sd / "tokenizer", a.clip, None, seed=seed, shapes=CLIP_VIT_L14, image_size=CLIP_VIT_L14_IMAGE_SIZE)
+    gc.collect()
+    counts.update(blip=_count(a.blip / "model.safetensors"), clip=_count(a.clip / "model.safetensors"))
+    tmp = a.root / (FULL_STAMP + ".tmp")
+    tmp.write_text(json.dumps({"version": FULL_VERSION, "seed": seed, "parameters": counts}, indent=2))
+    tmp.replace(a.root / FULL_STAMP)
+    return a
+
+
+def _count(weights: Path) -> int:
+    """Parameters stored in a safetensors file (tied weights once)."""
+    with safe_open(str(weights), "pt") as f:
+        return sum(int(np.prod(f.get_slice(k).get_shape())) for k in f.keys())
+
+
+def main(argv: list[str] | None = None) -> TinyAssets:
+    """``python -m sdnb.tiny OUT_DIR [--full-size] [--seed N] [--force]``: the tiny build, or with ``--full-size``
+    the real shapes (random weights, ~5.6 GB on disk, ~4 GB of memory while writing)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--full-size" not in argv:
+        return tiny_main(argv)
+    argv.remove("--full-size")
+    parser = argparse.ArgumentParser(prog="python -m sdnb.tiny --full-size", description=main.__doc__.splitlines()[0])
+    parser.add_argument("out_dir", help="folder to write the full-size models and images into")
+    parser.add_argument("--seed", type=int, default=0, help="seed of every random choice (default 0)")
+    parser.add_argument("--force", action="store_true", help="rebuild even if a complete build is there")
+    args = parser.parse_args(argv)
+    assets = build_full(args.out_dir, seed=args.seed, force=args.force)
+    for field in ("root", "sd", "blip", "clip", "fundus_train", "fundus_val", "photos"):
+        print(f"{field:13s} {getattr(assets, field)}")
+    return assets
