@@ -15,6 +15,7 @@ from sdnb import metrics
 from sdnb.metrics import LPIPS
 from sdnb.models import load_vae
 from sdnb.train import Trainer, TrainResult
+from sdnb.train.batches import items_used
 from sdnb.train.trackers import log_images
 from sdnb.vae.config import VAEConfig
 from sdnb.vae.data import DecodedImages, PatchDataset, PatchLatents, prepare_data
@@ -57,7 +58,9 @@ def finetune(cfg: VAEConfig, train_images: DecodedImages, val_patches: torch.Ten
     patches = PatchDataset(train_images, cfg.patch_size, cfg.patches_per_epoch, seed=cfg.seed,
                            hflip=cfg.hflip, vflip=cfg.vflip, rot90=cfg.rot90)
     if cfg.cache_latents:
-        patches = PatchLatents(patches, vae, trainer.device)
+        # only what max_steps uses is encoded up front (a short run need not encode the whole pool)
+        used = items_used(len(patches), cfg.batch_size, cfg.seed, cfg.max_steps * cfg.grad_accum)
+        patches = PatchLatents(patches, vae, trainer.device, needed=used)
     weights = dict(mse_weight=cfg.mse_weight, l1_weight=cfg.l1_weight, lpips_weight=cfg.lpips_weight,
                    kl_weight=cfg.kl_weight)
     unwrap = trainer.accelerator.unwrap_model
