@@ -117,7 +117,7 @@ def measure(label: str, notebook: str, params: dict, out: Path, notebooks: Path)
 def table(costs: list[RunCost], title: str) -> str:
     """The costs as a Markdown table."""
     lines = [f"### {title}", "", "| run | wall s | peak RAM GB | checkpoint GB | final GB |", "|---|---:|---:|---:|---:|"]
-    lines += [f"| {c.label} | {c.wall_s:.0f} | {c.peak_gb:.1f} | {c.checkpoint_gb:.2f} | {c.final_gb:.2f} |" for c in costs]
+    lines += [f"| {c.label} | {c.wall_s:.0f} | {c.peak_gb:.1f} | {c.checkpoint_gb:.3f} | {c.final_gb:.3f} |" for c in costs]
     return "\n".join(lines) + "\n"
 
 

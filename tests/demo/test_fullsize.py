@@ -34,3 +34,31 @@ def test_sd15_scheduler_is_pndm_with_sd_v1_betas():
 
 def test_full_size_cli_without_the_flag_is_the_tiny_build(tiny_assets):
     assert fullsize.main([str(tiny_assets.root)]) == tiny_assets
+
+
+def test_full_runs_set_only_parameters_the_notebooks_have(tmp_path):
+    """`make test-full`'s runs (checked without running them): every parameter is one of the notebook's."""
+    import nbformat
+
+    from sdnb.demo.full import full_runs
+    from sdnb.demo.run import REPO_NOTEBOOKS
+
+    runs = full_runs(fullsize.full_assets_at(tmp_path), tmp_path)
+    assert [label for label, *_ in runs].count("03_sd_finetune resume +1") == 1
+    for _, notebook, params in runs:
+        cell = next(c for c in nbformat.read(str(REPO_NOTEBOOKS / f"{notebook}.ipynb"), as_version=4).cells
+                    if "parameters" in c.metadata.get("tags", []))
+        names = {line.split("=")[0].strip() for line in cell.source.splitlines() if "=" in line}
+        assert set(params) <= names, set(params) - names
+
+
+def test_peak_memory_counts_the_child_processes():
+    import subprocess
+    import sys
+
+    from sdnb.demo.full import PeakMemory
+
+    with PeakMemory(interval=0.05) as mem:
+        subprocess.run([sys.executable, "-c", "import time; b = bytearray(300 * 2**20); b[::4096] = b'x' * len(b[::4096]); "
+                        "time.sleep(0.5)"], check=True)
+    assert mem.peak > 300 * 2**20
