@@ -100,24 +100,30 @@ class RunCost:
     peak_gb: float
     checkpoint_gb: float
     final_gb: float
+    error: str = ""
 
 
 def measure(label: str, notebook: str, params: dict, out: Path, notebooks: Path) -> RunCost:
     """Run one notebook under `PeakMemory`; the size of its newest checkpoint and of its final/ (01: its train/)."""
-    start = time.perf_counter()
+    start, error = time.perf_counter(), ""
     with PeakMemory() as mem:
-        run_notebook(notebook, out, params, notebooks)
+        try:
+            run_notebook(notebook, out, params, notebooks)
+        except Exception as err:  # noqa: BLE001 (a dead kernel, out of memory, a failing cell: recorded, not fatal)
+            error = f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"[:200]
     run_dir = Path(params["run_dir"])
     checkpoints = sorted((run_dir / "checkpoints").glob("*")) if (run_dir / "checkpoints").is_dir() else []
     final = run_dir / ("train" if notebook == "01_captioning" else "final")
     return RunCost(label, time.perf_counter() - start, mem.peak / GB,
-                   folder_bytes(checkpoints[-1]) / GB if checkpoints else 0.0, folder_bytes(final) / GB)
+                   folder_bytes(checkpoints[-1]) / GB if checkpoints else 0.0, folder_bytes(final) / GB, error)
 
 
 def table(costs: list[RunCost], title: str) -> str:
     """The costs as a Markdown table."""
     lines = [f"### {title}", "", "| run | wall s | peak RAM GB | checkpoint GB | final GB |", "|---|---:|---:|---:|---:|"]
-    lines += [f"| {c.label} | {c.wall_s:.0f} | {c.peak_gb:.1f} | {c.checkpoint_gb:.3f} | {c.final_gb:.3f} |" for c in costs]
+    lines += [f"| {c.label}{' FAILED' if c.error else ''} | {c.wall_s:.0f} | {c.peak_gb:.1f} | {c.checkpoint_gb:.3f} | "
+              f"{c.final_gb:.3f} |" for c in costs]
+    lines += [f"\n{c.label} failed: {c.error}" for c in costs if c.error]
     return "\n".join(lines) + "\n"
 
 
@@ -132,7 +138,7 @@ def run_all(assets: TinyAssets, out: str | Path, title: str, notebooks: Path = R
         costs.append(measure(label, notebook, params, out, notebooks))
         c = costs[-1]
         print(f"  {c.wall_s:.0f} s, peak {c.peak_gb:.1f} GB, checkpoint {c.checkpoint_gb:.2f} GB, "
-              f"final {c.final_gb:.2f} GB", flush=True)
+              f"final {c.final_gb:.2f} GB{'; FAILED: ' + c.error if c.error else ''}", flush=True)
         (out / "table.md").write_text(table(costs, title))
     print(table(costs, title))
     return costs
@@ -153,4 +159,4 @@ def main(argv: list[str] | None = None) -> list[RunCost]:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(1 if any(c.error for c in main()) else 0)
