@@ -20,7 +20,7 @@ from pathlib import Path
 
 from huggingface_hub import HfApi, ModelCardData, get_token
 
-from sdnb.models import LORA_META, is_hub_id
+from sdnb.models import LORA_META, RUN_META, is_hub_id
 from sdnb.stats import tables
 from sdnb.train.logs import read_log
 
@@ -109,7 +109,7 @@ def prepare_upload(run_dir: str | Path, repo_id: str, compare_dir: str | Path = 
     if not final.is_dir():
         raise FileNotFoundError(f"{final}: no final/ to upload; the run has not finished")
     shutil.rmtree(out, ignore_errors=True)
-    shutil.copytree(final, out, copy_function=_link_or_copy, ignore=shutil.ignore_patterns(LORA_META))
+    shutil.copytree(final, out, copy_function=_link_or_copy, ignore=shutil.ignore_patterns(LORA_META, RUN_META))
     (out / "README.md").write_text(model_card(run_dir, repo_id, compare_dir))
     return out
 

@@ -22,6 +22,7 @@ from sdnb.runtime import weights_dtype
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 LORA_META = "sdnb_lora.json"  # beside pytorch_lora_weights.safetensors: the base model a LoRA run adapts
+RUN_META = "sdnb_run.json"  # in a 03 run's final/: the run and the training data it came from (04 reads it)
 CONFIG_HINT = "set model_config to the base model's folder or hub id, e.g. 'stable-diffusion-v1-5/stable-diffusion-v1-5'"
 
 

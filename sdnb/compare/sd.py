@@ -22,7 +22,7 @@ from sdnb import metrics
 from sdnb.compare.config import SCHEDULERS, CompareConfig
 from sdnb.data.captions import read_captions
 from sdnb.data.images import load_rgb, to_tensor
-from sdnb.models import load_pipeline
+from sdnb.models import LORA_META, RUN_META, load_pipeline
 from sdnb.stats import bootstrap_ci, entry, fid_entry, mean_entry, non_negative
 
 
@@ -66,11 +66,18 @@ def save_samples(images: torch.Tensor, folder: str | Path) -> list[Path]:
 
 
 def training_data_dir(finetuned_model: str, train_data_dir: str = "") -> str:
-    """`train_data_dir`, or the `data_dir` recorded in the 03 run's config.json (the run folder, or the folder above
-    its `final/`), or '' when neither is known."""
+    """`train_data_dir`, or the training data a 03 run recorded: in final/sdnb_run.json (a run folder, its final/,
+    or a copy of final/ elsewhere), else in the run's config.json (the run folder or the folder above its final/);
+    '' when none is known (a hub id, a pipeline folder not written by 03)."""
     if train_data_dir:
         return train_data_dir
-    for folder in (Path(finetuned_model), Path(finetuned_model).parent):
+    path = Path(finetuned_model)
+    if not path.is_dir():
+        return ""
+    for meta in (path / d / name for d in ("final", "") for name in (RUN_META, LORA_META)):
+        if meta.is_file() and json.loads(meta.read_text()).get("data_dir"):
+            return json.loads(meta.read_text())["data_dir"]
+    for folder in (path, path.parent):
         if (folder / "config.json").is_file() and (folder / "final").is_dir():
             return json.loads((folder / "config.json").read_text()).get("data_dir", "")
     return ""
@@ -94,7 +101,8 @@ def choose_prompts(prompts: Sequence[str], captions: Sequence[str], n_images: in
     """`n_images` prompts: the given ones cycled, or else the training captions cycled."""
     source = [p for p in prompts if p] or [c for c in captions if c]
     if not source:
-        raise ValueError("prompts=[] and no caption found beside the training images: give prompts")
+        raise ValueError("prompts=[] and no training caption to take them from: give prompts, or train_data_dir (the "
+                         "captioned training images; a run folder of 03 or its final/ records them)")
     return [source[i % len(source)] for i in range(n_images)]
 
 
@@ -117,9 +125,14 @@ def prepare_generation(cfg: CompareConfig, device: torch.device | str, precision
              "finetuned": load_pipeline(cfg.finetuned_model, device, precision, "finetuned_model",
                                         config=cfg.model_config)}
     data_dir = training_data_dir(cfg.finetuned_model, cfg.train_data_dir)
+    if data_dir and not cfg.train_data_dir and not Path(data_dir).is_dir():
+        raise FileNotFoundError(f"finetuned_model={cfg.finetuned_model!r} was trained on {data_dir!r}, which is not "
+                                "there (a new runtime?): set train_data_dir to the training images")
     train_images, captions = training_set(data_dir, cfg.resolution) if data_dir else (None, [])
     if train_images is None:
-        print("no training images found (set train_data_dir): FID, KID and the cluster KL are left out")
+        print(f"finetuned_model={cfg.finetuned_model!r} records no training data (a hub id, or a pipeline folder not "
+              f"written by 03): FID, KID and the cluster KL need train_data_dir (the training images) and are left "
+              f"out; the CLIP score and the base vs fine-tuned FID are measured")
     prompts = choose_prompts(cfg.prompts, captions, cfg.n_images)
     return GenerationSetup(pipes, prompts, [cfg.seed + i for i in range(cfg.n_images)], train_images, data_dir)
 
@@ -142,6 +155,9 @@ def sd_metrics(samples: Mapping[str, torch.Tensor], prompts: Sequence[str], trai
                             "kl": f"KL(P || Q) in nats between k-means cluster shares of {feature_label} features",
                             "fid_between": f"FID between the two sample sets ({feature_label})"}}
     a, b = names[0], names[-1]
+    if train_images is None:
+        out["labels"]["fid_note"] = ("FID and KID against the training images and the cluster KL are left out: no "
+                                     "training data is known for this model; set train_data_dir to measure them.")
     out["between"][f"{b} vs {a}"] = {"fid": fid_entry(feats[a], feats[b], paired=False, n_bootstrap=n_bootstrap, seed=seed)}
     if train_images is not None:
         train = metrics.image_features(train_images, extractor)

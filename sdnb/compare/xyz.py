@@ -5,13 +5,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 
+from tqdm.auto import tqdm
+
 from sdnb.compare.config import XYZ_AXES
 from sdnb.compare.sd import generate
 from sdnb.viz import image_grid
 
 
 def xyz_sheet(pipes: dict, load: Callable[[str], object], axes: Mapping[str, Sequence], prompt: str,
-              defaults: Mapping, resolution: int = 512) -> list[tuple[str, object]]:
+              defaults: Mapping, resolution: int = 512, progress: bool = True) -> list[tuple[str, object]]:
     """AUTOMATIC1111-style X/Y/Z sheets: axes (ordered x, y, z; 1-3 of XYZ_AXES) -> one figure per z value.
 
     `defaults` holds cfg, steps, checkpoint, scheduler and seed for what the axes do not vary: the seed is the
@@ -23,6 +25,8 @@ def xyz_sheet(pipes: dict, load: Callable[[str], object], axes: Mapping[str, Seq
     names = list(axes) + [None] * (3 - len(axes))
     values = [list(axes[n]) if n else [None] for n in names]
     sheets = []
+    bar = tqdm(total=len(values[0]) * len(values[1]) * len(values[2]), desc="X/Y/Z sheets", unit="image",
+               disable=not progress)
     for z in values[2]:
         rows = []
         for y in values[1]:
@@ -34,6 +38,7 @@ def xyz_sheet(pipes: dict, load: Callable[[str], object], axes: Mapping[str, Seq
                     pipes[s["checkpoint"]] = load(s["checkpoint"])
                 row.append(generate(pipes[s["checkpoint"]], [prompt], [int(s["seed"])], resolution, int(s["steps"]),
                                     float(s["cfg"]), s["scheduler"], progress=False)[0])
+                bar.update()
             rows.append(row)
         title = f"{names[2]} = {_show(z)}" if names[2] else "x/y sheet"
         fig = image_grid(rows, [f"{names[0]} = {_show(x)}" for x in values[0]],
@@ -41,6 +46,7 @@ def xyz_sheet(pipes: dict, load: Callable[[str], object], axes: Mapping[str, Seq
                          title=f"{title} | prompt: {prompt[:60]} | fixed: " +
                                ", ".join(f"{k} {_show(v)}" for k, v in defaults.items() if k not in axes))
         sheets.append((title, fig))
+    bar.close()
     return sheets
 
 

@@ -17,12 +17,13 @@ from sdnb.data.images import find_images, load_rgb
 
 
 def build_tiny_clip(tokenizer_dir: str | Path, out_dir: str | Path, photo_dir: str | Path | None = None,
-                    steps: int = 200, seed: int = 0) -> Path:
+                    steps: int = 200, seed: int = 0, shapes: dict | None = None, image_size: int = 32) -> Path:
     """A tiny `CLIPModel` with its `CLIPProcessor` (the real CLIP tokenizer read from `tokenizer_dir`, e.g. a tiny
     SD's tokenizer/ folder), saved to `out_dir`: the CLIP score's code path offline (returns at once if built).
 
     With `photo_dir` it is trained for `steps` contrastive steps on those photos, each captioned from its file name
     ("a photograph of grace hopper"), so that in miniature a fitting caption scores higher than another one.
+    `shapes` (a `CLIPConfig` dict such as `sdnb.demo.fullsize.CLIP_VIT_L14`, with its `image_size`) gives other shapes.
     """
     out_dir = Path(out_dir)
     if (out_dir / "config.json").is_file() and (out_dir / "preprocessor_config.json").is_file():
@@ -33,10 +34,12 @@ def build_tiny_clip(tokenizer_dir: str | Path, out_dir: str | Path, photo_dir: s
                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
                   patch_size=8)
+    shapes = shapes or dict(text_config=text, vision_config=vision, projection_dim=32)
     torch.manual_seed(seed)
-    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=32))
-    processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
-                                                                 crop_size={"height": 32, "width": 32}), tokenizer=tokenizer)
+    model = CLIPModel(CLIPConfig(**shapes))
+    crop = {"height": image_size, "width": image_size}
+    processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size=crop),
+                              tokenizer=tokenizer)
     if photo_dir is not None:
         _train_clip(model, processor, photo_dir, steps, seed)
     model.save_pretrained(out_dir)

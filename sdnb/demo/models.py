@@ -138,8 +138,9 @@ BLIP_WORDS = ("a an the of with and on in near under over by photo picture view 
               "clouds sunset street table chair window wall grass rock coffee cup rocket portrait bike building")
 
 
-def write_blip(out: Path, seed: int = 0, image_size: int = 64) -> None:
-    """Write a tiny untrained BLIP captioner (processor + model) with the real BERT vocabulary.
+def write_blip(out: Path, seed: int = 0, image_size: int = 64, shapes: dict | None = None) -> None:
+    """Write a tiny untrained BLIP captioner (processor + model) with the real BERT vocabulary; `shapes` (a
+    `BlipConfig` dict such as `sdnb.demo.fullsize.BLIP_BASE`) gives it other shapes.
 
     As in Salesforce/blip-image-captioning-*: bert-base-uncased plus ``[DEC]`` (bos, id 30522) and
     ``[ENC]`` (30523); generation starts from ``[DEC]`` and stops at ``[SEP]``.
@@ -157,14 +158,15 @@ def write_blip(out: Path, seed: int = 0, image_size: int = 64) -> None:
     tokenizer.add_special_tokens({"bos_token": "[DEC]"})
     tokenizer.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
     processor = BlipProcessor(BlipImageProcessor(size={"height": image_size, "width": image_size}), tokenizer)
-    config = BlipConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=64, projection_dim=32,
-                         bos_token_id=tokenizer.bos_token_id, sep_token_id=tokenizer.sep_token_id,
-                         pad_token_id=tokenizer.pad_token_id),
+    shapes = shapes or dict(
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                         max_position_embeddings=64, projection_dim=32),
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                            image_size=image_size, patch_size=16, projection_dim=32),
         projection_dim=32, image_text_hidden_size=32)
+    ids = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, sep_token_id=tokenizer.sep_token_id,
+               pad_token_id=tokenizer.pad_token_id)
+    config = BlipConfig(**{**shapes, "text_config": {**shapes["text_config"], **ids}})
     torch.manual_seed(seed + 5)
     model = BlipForConditionalGeneration(config)
     # Untrained, it would pick from all 30k word pieces (unused slots and unfortunate words included): its output

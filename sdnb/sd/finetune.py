@@ -20,7 +20,7 @@ from torch import nn
 from sdnb.data.captions import read_captions
 from sdnb.data.images import split_by_image
 from sdnb.lora import count_parameters, has_lora, save_lora
-from sdnb.models import is_hub_id
+from sdnb.models import LORA_META, RUN_META, is_hub_id
 from sdnb.runtime import weights_dtype
 from sdnb.sd.buckets import BucketDataset
 from sdnb.sd.config import SDConfig
@@ -45,6 +45,15 @@ def base_model(cfg: SDConfig) -> dict[str, str]:
         return ref if not ref or is_hub_id(ref) or "://" in ref else str(Path(ref).resolve())
 
     return {"model_id": where(cfg.model_id), "model_config": where(cfg.model_config), "vae_path": where(cfg.vae_path)}
+
+
+def write_run_meta(final_dir: Path, cfg: SDConfig) -> None:
+    """The run folder and training data (absolute paths) that 04 measures this model against, wherever final/ is
+    later copied: in final/sdnb_run.json, or for a LoRA run added to the adapter's sdnb_lora.json."""
+    meta_file = Path(final_dir) / (LORA_META if (Path(final_dir) / LORA_META).is_file() else RUN_META)
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {"stage": "sd"}
+    meta.update(run_dir=str(Path(cfg.run_dir).resolve()), data_dir=str(Path(cfg.data_dir).resolve()))
+    meta_file.write_text(json.dumps(meta, indent=2) + "\n")
 
 
 class Callbacks:
@@ -119,6 +128,7 @@ class Callbacks:
         unet, text_encoder = self._models(models)
         if has_lora(unet):
             save_lora(path, unet, text_encoder, self.base)
+            write_run_meta(path, self.cfg)
             return
         te = text_encoder or self.parts.text_encoder
         dtypes = {m: m.dtype for m in (self.parts.vae, te) if m.dtype != torch.float32}  # half on a GPU
@@ -129,6 +139,7 @@ class Callbacks:
         finally:
             for m, dtype in dtypes.items():
                 m.to(dtype)
+        write_run_meta(path, self.cfg)
 
     def close(self) -> None:
         """Mirror the final pipeline and the log (weights-only sync), waiting for the copies."""

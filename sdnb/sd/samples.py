@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
+from tqdm.auto import tqdm
 
 from sdnb.train.checkpoint import step_of
 
@@ -40,20 +41,25 @@ def labelled_grid(rows: list[list[Any]], col_titles: list[str], row_titles: list
 
 @torch.no_grad()
 def render_samples(pipe, prompts: list[str], cfg_scales: list[float], out_dir: str | Path, seed: int = 0,
-                   steps: int = 30, size: int = 512, negative_prompt: str = "", title: str = "") -> Path:
+                   steps: int = 30, size: int = 512, negative_prompt: str = "", title: str = "",
+                   progress: bool = True) -> Path:
     """Every prompt at every CFG scale, prompt j always from seed + j: PNGs in out_dir/ and the grid out_dir.png
-    (rows: CFG scales, columns: prompts)."""
+    (rows: CFG scales, columns: prompts); one progress bar over the images (the pipeline's own is off)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
-    for scale in cfg_scales:
-        row = []
-        for j, prompt in enumerate(prompts):
-            image = pipe(prompt, negative_prompt=negative_prompt or None, guidance_scale=scale, height=size, width=size,
-                         num_inference_steps=steps, generator=torch.Generator().manual_seed(seed + j)).images[0]
-            image.save(out_dir / f"p{j}_cfg{scale:g}.png")
-            row.append(image)
-        rows.append(row)
+    with tqdm(total=len(cfg_scales) * len(prompts), desc=f"sample grid{' ' + title if title else ''} "
+              f"({steps} steps, {size} px)", unit="image", disable=not progress) as bar:
+        for scale in cfg_scales:
+            row = []
+            for j, prompt in enumerate(prompts):
+                image = pipe(prompt, negative_prompt=negative_prompt or None, guidance_scale=scale, height=size,
+                             width=size, num_inference_steps=steps,
+                             generator=torch.Generator().manual_seed(seed + j)).images[0]
+                image.save(out_dir / f"p{j}_cfg{scale:g}.png")
+                row.append(image)
+                bar.update()
+            rows.append(row)
     (out_dir / "prompts.json").write_text(json.dumps({"prompts": prompts, "cfg_scales": cfg_scales, "seed": seed,
                                                       "negative_prompt": negative_prompt, "steps": steps}))
     path = out_dir.with_suffix(".png")

@@ -22,6 +22,20 @@ def shuffled_batches(n_items: int, batch_size: int, seed: int) -> Callable[[int]
     return batches
 
 
+def items_used(n_items: int, batch_size: int, seed: int, micro_batches: int) -> list[int]:
+    """The items the first `micro_batches` micro-batches of the default order (`shuffled_batches`, one process)
+    touch, sorted: what a run of that many micro-batches needs of a fixed pool (all items after a whole epoch)."""
+    order, used, epoch = shuffled_batches(n_items, batch_size, seed), set(), 0
+    while micro_batches > 0 and len(used) < n_items:
+        batches = order(epoch)[:micro_batches]
+        if not batches:
+            break
+        used.update(i for b in batches for i in b)
+        micro_batches -= len(batches)
+        epoch += 1
+    return sorted(used)
+
+
 class MicroBatches:
     """This process's micro-batches, epoch after epoch, from a saved position (epoch, micro-batches done).
 

@@ -175,25 +175,35 @@ class PatchLatents(Dataset):
     """Decoder-only training on a fixed pool of patches, each encoded once by the frozen encoder.
 
     Items are {"images", "mean", "std"}; the decoder trains on latents sampled from the cached posterior.
-    The pool is the first epoch's patches: augmentation is not redrawn in later epochs.
+    The pool is the first epoch's patches: augmentation is not redrawn in later epochs. Only the items in `needed`
+    (default: all) are encoded up front, in batches (`items_used` gives what a run of max_steps uses); any other
+    item is encoded when first asked for, so the data order and a resumed run are the same either way.
     """
 
-    def __init__(self, patches: Dataset, vae: AutoencoderKL, device: torch.device | str = "cpu", batch_size: int = 16):
-        self.images, self.mean, self.std = [], [], []
-        with torch.no_grad():
-            for start in tqdm(range(0, len(patches), batch_size), desc="caching latents"):
-                batch = torch.stack([patches[i] for i in range(start, min(start + batch_size, len(patches)))])
-                posterior = vae.encode(batch.to(device)).latent_dist
-                self.images.append(batch.add(1).mul(127.5).round().byte())  # uint8: a quarter of the memory
-                self.mean.append(posterior.mean.cpu())
-                self.std.append(posterior.std.cpu())
-        self.images, self.mean, self.std = torch.cat(self.images), torch.cat(self.mean), torch.cat(self.std)
+    def __init__(self, patches: Dataset, vae: AutoencoderKL, device: torch.device | str = "cpu", batch_size: int = 16,
+                 needed: Sequence[int] | None = None, progress: bool = True):
+        self.patches, self.vae, self.device, self.cache = patches, vae, device, {}
+        todo = list(range(len(patches)) if needed is None else needed)
+        for start in tqdm(range(0, len(todo), batch_size), desc=f"caching latents ({len(todo)} of {len(patches)} "
+                          "patches)", disable=not progress):
+            self._encode(todo[start:start + batch_size])
+
+    @torch.no_grad()
+    def _encode(self, indices: Sequence[int]) -> None:
+        batch = torch.stack([self.patches[i] for i in indices])
+        posterior = self.vae.encode(batch.to(self.device)).latent_dist
+        images = batch.add(1).mul(127.5).round().byte()  # uint8: a quarter of the memory
+        for k, i in enumerate(indices):
+            self.cache[i] = (images[k].clone(), posterior.mean[k].cpu(), posterior.std[k].cpu())
 
     def __len__(self) -> int:
-        return len(self.images)
+        return len(self.patches)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"images": self.images[i].float().div(127.5).sub(1), "mean": self.mean[i], "std": self.std[i]}
+        if i not in self.cache:
+            self._encode([i])
+        image, mean, std = self.cache[i]
+        return {"images": image.float().div(127.5).sub(1), "mean": mean, "std": std}
 
 
 @dataclass

@@ -15,6 +15,7 @@ from sdnb import metrics
 from sdnb.metrics import LPIPS
 from sdnb.models import load_vae
 from sdnb.train import Trainer, TrainResult
+from sdnb.train.batches import items_used
 from sdnb.train.trackers import log_images
 from sdnb.vae.config import VAEConfig
 from sdnb.vae.control import control_config, control_data
@@ -63,7 +64,9 @@ def finetune(cfg: VAEConfig, train_images: DecodedImages, val_patches: torch.Ten
                            hflip=cfg.hflip, vflip=cfg.vflip, rot90=cfg.rot90, min_foreground=cfg.min_foreground,
                            foreground_threshold=cfg.foreground_threshold)
     if cfg.cache_latents:
-        patches = PatchLatents(patches, vae, trainer.device)
+        # only what max_steps uses is encoded up front (a short run need not encode the whole pool)
+        used = items_used(len(patches), cfg.batch_size, cfg.seed, cfg.max_steps * cfg.grad_accum)
+        patches = PatchLatents(patches, vae, trainer.device, needed=used)
     weights = dict(mse_weight=cfg.mse_weight, l1_weight=cfg.l1_weight, lpips_weight=cfg.lpips_weight,
                    kl_weight=cfg.kl_weight)
     unwrap = trainer.accelerator.unwrap_model

@@ -57,3 +57,23 @@ def test_module_entry_point_trains_from_the_saved_config(tiny_assets, tmp_path):
     vae = load_vae(str(tmp_path / "run"))  # a run folder loads through its final/
     assert vae.config.latent_channels == 4
     assert json.loads(path.read_text())["stage"] == "vae"
+
+
+def test_cached_latents_encode_only_what_the_run_uses(tiny_assets, tmp_path):
+    """A 2-step run of batch 4 encodes 8 patches of a pool of 64 up front; any other patch asked for later is encoded
+    then, the same as if the whole pool had been cached."""
+    from sdnb.train.batches import items_used
+    from sdnb.vae.data import PatchDataset, PatchLatents
+
+    cfg = small_config(tiny_assets, tmp_path / "run", recipe="ft-mse", cache_latents=True)
+    data = prepare_data(cfg)
+    vae = load_vae(cfg.model_id)
+    patches = PatchDataset(data.train_images, cfg.patch_size, cfg.patches_per_epoch, seed=cfg.seed)
+    used = items_used(len(patches), 4, cfg.seed, micro_batches=2)
+    assert len(used) == 8 and len(items_used(64, 4, 0, micro_batches=100)) == 64
+    short = PatchLatents(patches, vae, needed=used, progress=False)
+    assert len(short) == 64 and sorted(short.cache) == used
+    whole = PatchLatents(patches, vae, progress=False)
+    other = next(i for i in range(64) if i not in used)
+    for i in (used[0], other):
+        assert all(torch.allclose(short[i][k], whole[i][k], atol=1e-5) for k in ("images", "mean", "std"))
