@@ -55,7 +55,7 @@ def test_02_fine_tuning_improves_held_out_reconstructions(vae_run):
     assert tuned["ssim"] > base["ssim"], metrics
     assert metrics["wins"]["finetuned vs base"]["psnr"]["value"] > 0.5  # better on most patches, not on average only
     control = json.loads((run / "control" / "config.json").read_text())  # the demo trains a control on the photos
-    assert control["control"] and control["max_steps"] == params["02_vae_finetune"]["max_steps"]
+    assert control["is_control"] and control["max_steps"] == params["02_vae_finetune"]["max_steps"]
     assert (run / "control" / "final").is_dir() and "finetuned vs control" in metrics["difference"]
     assert "Finetuned vs control (PSNR" in metrics["verdict"]
     for grid in ("base_reconstructions", "heldout_patches", "heldout_full", "loss"):

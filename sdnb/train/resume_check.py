@@ -45,7 +45,7 @@ REFUSED = frozenset({
     "stage", "seed",  # the seed drives the data order and every process's RNG stream
     # the data and its split
     "image_dir", "val_image_dir", "val_fraction", "data_dir", "patch_size", "patches_per_epoch", "resolution",
-    "cache_latents", "min_foreground", "foreground_threshold", "control",
+    "cache_latents", "min_foreground", "foreground_threshold", "is_control",
     # augmentation
     "hflip", "vflip", "rot90", "flip", "crop_jitter", "caption_dropout",
     # the model and what is trained
@@ -58,8 +58,8 @@ REFUSED = frozenset({
 })
 
 # Allowed fields that a run refuses to change when the flag named here is true in its config: what a control run of 02
-# (control=True) trains on.
-REFUSED_IN = {"control_image_dir": "control"}
+# (is_control=True) trains on.
+REFUSED_IN = {"control_image_dir": "is_control"}
 
 ABSENT = "<absent>"  # a field one config does not have (saved by an older sdnb, or of another stage)
 

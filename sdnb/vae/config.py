@@ -43,7 +43,7 @@ class VAEConfig(TrainConfig):
     val_fraction: float = param(0.2, gt=0, le=0.5, help="share of image_dir held out when val_image_dir is ''")
     control_image_dir: str = param("", help="other images (e.g. natural photos) for a control VAE trained with the "
                                             "same recipe and steps (run_dir/control); '' = no control")
-    control: bool = param(False, help="True in the control run's own config (sdnb.vae.control): it trains on "
+    is_control: bool = param(False, help="True in the control run's own config (sdnb.vae.control): it trains on "
                                       "control_image_dir and is measured on image_dir's held-out images")
     model_id: str = param("CompVis/stable-diffusion-v1-4", pattern=r".+")
     model_subfolder: str = param("vae", help="'' when model_id is a VAE folder itself")
@@ -104,8 +104,8 @@ class VAEConfig(TrainConfig):
                 raise ConfigError(f"control_image_dir={self.control_image_dir!r} is not accepted: it is, contains or "
                                   f"lies inside {name}={getattr(self, name)!r}, so the control would train on the "
                                   "domain images; choose a folder of other images (e.g. natural photos)")
-        if self.control and not self.control_image_dir:
-            raise ConfigError("control=True is not accepted with control_image_dir='': a control run trains on "
+        if self.is_control and not self.control_image_dir:
+            raise ConfigError("is_control=True is not accepted with control_image_dir='': a control run trains on "
                               "control_image_dir")
         if self.cache_latents and self.trainable != "decoder":
             raise ConfigError("cache_latents=True is not accepted with trainable='all': cached latents need a frozen "

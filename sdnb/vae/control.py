@@ -27,13 +27,15 @@ UNITS = {"psnr": " dB"}
 def control_config(cfg: VAEConfig) -> VAEConfig:
     """The control run of a 02 config: the same recipe, steps, seed and held-out images, trained on
     `control_image_dir`, in its own run_dir (`run_dir/control`) and sync_dir (`sync_dir/control`), without export or
-    Hub push. Saved as its own config.json, so its resume is checked like any run's."""
+    Hub push. Saved as its own config.json, so its resume is checked like any run's; a `resume` naming one of the
+    tuned run's checkpoints resumes the control from its latest."""
     if not cfg.control_image_dir:
         raise ConfigError("control_image_dir='' names no images to train a control on: set it to a folder of other "
                           "images (e.g. natural photos), or skip the control")
     sync_dir = str(Path(cfg.sync_dir) / CONTROL_DIR) if cfg.sync_dir else ""
-    return dataclasses.replace(cfg, run_dir=str(cfg.path / CONTROL_DIR), sync_dir=sync_dir, control=True,
-                               export_single_file=False, hub_repo_id="")
+    resume = cfg.resume if cfg.resume in ("", "latest") else "latest"  # a checkpoint folder of the tuned run's: not its
+    return dataclasses.replace(cfg, run_dir=str(cfg.path / CONTROL_DIR), sync_dir=sync_dir, resume=resume,
+                               is_control=True, export_single_file=False, hub_repo_id="")
 
 
 def control_data(cfg: VAEConfig, data: VAEData) -> VAEData:

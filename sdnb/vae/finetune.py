@@ -104,6 +104,6 @@ def train_from_config(config: dict) -> TrainResult:
     """What `python -m sdnb.train run_dir/config.json` runs for a 02_vae_finetune config (a control run's too)."""
     cfg = VAEConfig.from_dict(config)
     data = prepare_data(cfg)
-    if cfg.control:
+    if cfg.is_control:
         data = control_data(cfg, data)
     return finetune(cfg, data.train_images, data.val_patches)

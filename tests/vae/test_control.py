@@ -39,9 +39,9 @@ def test_control_trains_in_its_own_folder_on_the_same_held_out_patches_and_resum
     control = cfg.path / "control"
     assert result.final_dir == control / "final" and result.step == cfg.max_steps
     saved = json.loads((control / "config.json").read_text())
-    assert saved["control"] and saved["run_dir"] == str(control) and saved["image_dir"] == cfg.image_dir
-    assert {k: v for k, v in saved.items() if k not in ("run_dir", "control")} == \
-        {k: v for k, v in cfg.to_dict().items() if k not in ("run_dir", "control")}  # the same recipe and steps
+    assert saved["is_control"] and saved["run_dir"] == str(control) and saved["image_dir"] == cfg.image_dir
+    assert {k: v for k, v in saved.items() if k not in ("run_dir", "is_control")} == \
+        {k: v for k, v in cfg.to_dict().items() if k not in ("run_dir", "is_control")}  # the same recipe and steps
     assert (control / "log.csv").is_file() and sorted(p.name for p in (control / "checkpoints").iterdir())
     assert {p.relative_to(cfg.path): p.read_bytes() for p in cfg.path.rglob("*")  # the tuned run is untouched
             if p.is_file() and "control" not in p.relative_to(cfg.path).parts} == tuned
