@@ -146,7 +146,7 @@ class Plan:
         verdict = "fits" if self.fits else "does NOT fit"
         lines.append(f"  {self.target.usable / GiB:.2f} GiB usable -> {verdict}")
         if self.fix:
-            lines.append(f"  fits with: {self.fix[0]} ({self.fix[1].describe()})")
+            lines.append(f"  fits with: {self.fix[0]}\n  that is: {self.fix[1].describe()}")
         elif not self.fits:
             lines.append("  no change tried fits (gradient checkpointing, 8-bit AdamW, LoRA, batch 1, 256 px)")
         return "\n".join(lines)

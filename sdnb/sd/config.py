@@ -45,6 +45,8 @@ class SDConfig(TrainConfig):
     save_best: bool = param(True, help="keep the fp16 UNet of the lowest validation loss in run_dir/best")
     sync_what: str = param("auto", choices=("auto", "full", "weights"),
                            help="mirror full training states or fp16 UNet weights; auto = full if it fits")
+    final_weights: str = param("fp16", choices=("fp16", "fp32", "both"),
+                               help="final pipeline: fp16 halves it (loads as fp32 too); both adds fp16 files beside fp32")
     export_single_file: bool = param(True, help="also write the result as one .safetensors file (run_dir/export)")
     hub_repo_id: str = param("", pattern=r"|[\w.-]+/[\w.-]+", help="push final/ with a model card there; '' = off")
     hub_private: bool = param(True, help="create the Hub repository as private")

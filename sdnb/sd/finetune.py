@@ -27,7 +27,7 @@ from sdnb.sd.config import SDConfig
 from sdnb.sd.data import ImageLatents, build_datasets
 from sdnb.sd.memory import memory_plan
 from sdnb.sd.model import SDParts, StableValidation, load_parts, make_step_fn, trainable_models
-from sdnb.sd.outputs import WeightsMirror, drive_budget, overfit_report, save_weights, training_summary
+from sdnb.sd.outputs import WeightsMirror, drive_budget, halve_weights, overfit_report, save_weights, training_summary
 from sdnb.sd.plot import plot_validation
 from sdnb.sd.samples import render_samples, sample_sheet
 from sdnb.stats import write_metrics
@@ -123,7 +123,8 @@ class Callbacks:
             self.parts.unet.train(training)
 
     def save_final(self, models: dict[str, nn.Module], path: Path) -> None:
-        """The whole pipeline (fine-tuned UNet, the text encoder and VAE used) in fp32 safetensors; for a LoRA run
+        """The whole pipeline (fine-tuned UNet, the text encoder and VAE used) in safetensors, in the precision
+        `final_weights` names (fp16, fp32, or both: fp16 as diffusers' "fp16" variant beside fp32); for a LoRA run
         the adapter in diffusers' format and the base model it adapts (`sdnb.lora.save_lora`)."""
         unet, text_encoder = self._models(models)
         if has_lora(unet):
@@ -136,6 +137,8 @@ class Callbacks:
             m.to(torch.float32)
         try:
             self.parts.pipeline(unet, te).save_pretrained(path, safe_serialization=True)
+            if self.cfg.final_weights != "fp32":  # half the size on Drive; from_pretrained still loads it as fp32
+                halve_weights(path, keep_fp32=self.cfg.final_weights == "both")
         finally:
             for m, dtype in dtypes.items():
                 m.to(dtype)

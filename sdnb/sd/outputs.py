@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -41,6 +42,22 @@ def save_unet_fp16(unet: nn.Module, folder: str | Path) -> Path:
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
     return folder
+
+
+def halve_weights(folder: str | Path, keep_fp32: bool = False) -> None:
+    """Store the floating-point weights of every safetensors file under `folder` in fp16, one tensor at a time:
+    in place (the files keep their names and load as fp32 too: `from_pretrained` upcasts), or with `keep_fp32` as
+    diffusers' fp16 variant beside them (`name.fp16.safetensors`, loaded with `variant="fp16"`)."""
+    for file in sorted(Path(folder).rglob("*.safetensors")):
+        if file.stem.endswith(".fp16"):
+            continue
+        with safe_open(str(file), "pt") as f:
+            metadata = f.metadata()
+            half = {k: (t.half() if t.is_floating_point() else t) for k in f.keys() for t in [f.get_tensor(k)]}
+        out = file.with_name(f"{file.stem}.fp16{file.suffix}") if keep_fp32 else file.with_name(f".tmp-{file.name}")
+        save_file(half, str(out), metadata=metadata)
+        if not keep_fp32:
+            os.replace(out, file)
 
 
 def save_weights(unet: nn.Module, text_encoder: nn.Module | None, folder: str | Path, base: dict) -> Path:
@@ -78,7 +95,7 @@ class WeightsMirror(Mirror):
 # ---------------------------------------------------------------- the Drive budget
 @dataclass
 class DriveBudget:
-    """Sizes of what a run mirrors to sync_dir, the free space there, and the choice of sync_what."""
+    """Sizes (GiB) of what a run mirrors to sync_dir, the free space there, and the choice of sync_what."""
 
     checkpoint_gb: float
     weights_gb: float
@@ -93,13 +110,14 @@ class DriveBudget:
         return self.free_gb is None or need <= 0.95 * self.free_gb
 
     def __str__(self) -> str:
-        lines = [f"one checkpoint (full training state): {self.checkpoint_gb:.2f} GB; fp16 UNet weights: "
-                 f"{self.weights_gb:.2f} GB; final pipeline: {self.final_gb:.2f} GB; keep_checkpoints = {self.keep}"]
+        lines = [f"one checkpoint (full training state): {self.checkpoint_gb:.2f} GiB; fp16 UNet weights: "
+                 f"{self.weights_gb:.2f} GiB; final pipeline: {self.final_gb:.2f} GiB; keep_checkpoints = {self.keep}"]
         if not self.sync_dir:
             return "\n".join(lines + ["sync_dir = '': nothing is mirrored (checkpoints stay in run_dir)"])
-        free = "unknown" if self.free_gb is None else f"{self.free_gb:.1f} GB"
-        lines.append(f"free at {self.sync_dir}: {free}; full needs {self.checkpoint_gb * self.keep + self.final_gb:.1f} GB, "
-                     f"weights-only {self.weights_gb * self.keep + self.final_gb:.1f} GB -> mirroring: {self.sync_what}")
+        free = "unknown" if self.free_gb is None else f"{self.free_gb:.1f} GiB"
+        lines.append(f"free at {self.sync_dir}: {free}; full needs {self.checkpoint_gb * self.keep + self.final_gb:.1f} "
+                     f"GiB, weights-only {self.weights_gb * self.keep + self.final_gb:.1f} GiB -> mirroring: "
+                     f"{self.sync_what}")
         if not self.fits(self.sync_what):
             lines.append(f"WARNING: sync_dir will run out of space with sync_what={self.sync_what!r}: lower "
                          "keep_checkpoints, choose sync_what='weights', or free space there")
@@ -129,7 +147,9 @@ def drive_budget(cfg: SDConfig, parts: SDParts) -> DriveBudget:
         weights, final = trained * 4, trained * 4
     else:
         trained = count(parts.unet) + (count(parts.text_encoder) if cfg.train_text_encoder else 0)
-        weights, final = count(parts.unet) * 2, (count(parts.unet) + count(parts.text_encoder) + count(parts.vae)) * 4
+        final_bytes = {"fp32": 4, "fp16": 2, "both": 6}[cfg.final_weights]  # the final pipeline's files
+        weights = count(parts.unet) * 2
+        final = (count(parts.unet) + count(parts.text_encoder) + count(parts.vae)) * final_bytes
     optimizer = resolve_optimizer(cfg.optimizer, pick_device(cfg.device))
     per_param = 4 + (2 if optimizer == "adamw8bit" else 8) + (4 if cfg.ema else 0)
     budget = DriveBudget(trained * per_param / GB, weights / GB, final / GB, cfg.keep_checkpoints,

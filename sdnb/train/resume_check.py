@@ -35,7 +35,7 @@ ALLOWED = frozenset({
     "sample_prompts", "negative_prompt", "sample_cfg_scales", "sample_steps", "overfit_patience", "save_best",
     "n_val_patches", "tile_size", "fid_features", "n_bootstrap",
     # what is done with the result (export, Hub) and where the base model's config is read from
-    "export_single_file", "hub_repo_id", "hub_private", "model_config",
+    "export_single_file", "hub_repo_id", "hub_private", "model_config", "final_weights",
     # 02's control run is its own run (run_dir/control): the fine-tuned run does not read it (a control run refuses
     # a change, see REFUSED_IN)
     "control_image_dir",

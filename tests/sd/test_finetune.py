@@ -136,8 +136,11 @@ def test_two_stages_continue_the_step_count_and_the_final_pipeline_loads(sd_dir,
     assert [p.name for p in (drive / "weights").iterdir()] == ["step-000009"]
     assert not (drive / "checkpoints").exists() and (drive / "final" / "model_index.json").exists()
     unet = UNet2DConditionModel.from_pretrained(drive / "weights" / "step-000009" / "unet", variant="fp16")
-    pipe = StableDiffusionPipeline.from_pretrained(run / "final")
-    assert torch.equal(unet.conv_in.weight, pipe.unet.conv_in.weight.half().float())
+    pipe = StableDiffusionPipeline.from_pretrained(run / "final")  # final_weights="fp16": loads as fp32
+    assert pipe.unet.dtype == torch.float32 and torch.equal(unet.conv_in.weight, pipe.unet.conv_in.weight)
+    from safetensors.torch import load_file
+    assert {t.dtype for t in load_file(run / "final" / "unet" / "diffusion_pytorch_model.safetensors").values()} == \
+        {torch.float16}
     image = pipe("a cat", num_inference_steps=2, height=64, width=64, output_type="np",
                  generator=torch.Generator().manual_seed(0)).images[0]
     assert image.shape == (64, 64, 3) and (image == image).all()
@@ -266,3 +269,47 @@ def test_notebook_03_runs_headless_on_the_tiny_model(sd_dir, captioned, tmp_path
     assert json.loads((run / "final" / "sdnb_lora.json").read_text())["model_id"] == str(tiny_single_file)
     assert load_pipeline(str(run)).unet.peft_config  # the single-file base with the adapter
     assert (run / "export" / "03-lora.safetensors").stat().st_size > 10_000
+
+
+def test_sd15_full_states_fit_a_15_gb_drive_with_8bit_adamw_and_an_fp16_final(sd_dir, tmp_path, monkeypatch):
+    """SD 1.5's real shapes (on the meta device): two full checkpoints with 8-bit AdamW and the fp16 final pipeline fit
+    the 15 GB of a free Google Drive; with AdamW or an fp32 final they do not. Printed in GiB, as computed."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from sdnb.demo.fullsize import SD15_TEXT_ENCODER, SD15_UNET, SD15_VAE
+    from sdnb.sd.model import SDParts
+
+    with torch.device("meta"):
+        parts = SDParts(UNet2DConditionModel.from_config(SD15_UNET), AutoencoderKL.from_config(SD15_VAE),
+                        CLIPTextModel(CLIPTextConfig(**SD15_TEXT_ENCODER)), None, None, None)
+    monkeypatch.setattr(sd_outputs, "_free_gb", lambda path: 15e9 / 1024 ** 3)  # a free Google Drive
+    monkeypatch.setattr(sd_outputs, "resolve_optimizer", lambda name, device: name)  # as on a GPU with bitsandbytes
+    budget = lambda **kw: sd_outputs.drive_budget(config(tmp_path / "run", sd_dir, tmp_path,  # noqa: E731
+                                                         sync_dir=str(tmp_path / "drive"), **kw), parts)
+    assert budget(optimizer="adamw8bit").sync_what == "full"
+    assert budget(optimizer="adamw").sync_what == budget(optimizer="adamw8bit", final_weights="fp32").sync_what == \
+        "weights"
+    text = str(budget(optimizer="adamw8bit"))
+    assert "one checkpoint (full training state): 4.80 GiB" in text and "final pipeline: 1.99 GiB" in text
+    assert " GB" not in text
+
+
+def test_halved_weights_load_as_fp32_or_as_the_fp16_variant(tmp_path):
+    from diffusers import AutoencoderKL
+
+    from sdnb.demo.models import tiny_vae
+
+    vae = tiny_vae()
+    vae.save_pretrained(tmp_path / "a")
+    vae.save_pretrained(tmp_path / "b")
+    sd_outputs.halve_weights(tmp_path / "a")
+    sd_outputs.halve_weights(tmp_path / "b", keep_fp32=True)
+    half, full = AutoencoderKL.from_pretrained(tmp_path / "a"), AutoencoderKL.from_pretrained(tmp_path / "b")
+    variant = AutoencoderKL.from_pretrained(tmp_path / "b", variant="fp16", dtype=torch.float16)
+    weight = vae.decoder.conv_out.weight
+    assert half.dtype == torch.float32 and torch.equal(half.decoder.conv_out.weight, weight.half().float())
+    assert torch.equal(full.decoder.conv_out.weight, weight)
+    assert torch.equal(variant.decoder.conv_out.weight, weight.half())
+    assert (tmp_path / "a" / "diffusion_pytorch_model.safetensors").stat().st_size < \
+        0.6 * (tmp_path / "b" / "diffusion_pytorch_model.safetensors").stat().st_size
