@@ -73,7 +73,7 @@ def detail_crop(image: torch.Tensor, size: int = 256) -> tuple[int, int]:
 
 
 def whole_image_figures(original: torch.Tensor, recons: Mapping[str, torch.Tensor], crop: int = 256,
-                        panel: float = 7.0) -> tuple[plt.Figure, plt.Figure]:
+                        panel: float = 10.0) -> tuple[plt.Figure, plt.Figure]:
     """A whole image (3, H, W) and its reconstructions, large (`panel` inches per image: >= 1024 px at dpi 150), with
     error maps; and the same zoomed crop of each (the most detailed `crop` x `crop` region, e.g. vessels)."""
     full = reconstruction_grid(original[None], {k: v[None] for k, v in recons.items()})
