@@ -162,8 +162,10 @@ def test_sd_comparison_identical_models_and_a_damaged_unet(tiny_assets, damaged,
     assert m_same["between"]["finetuned vs base"]["fid"]["value"] == pytest.approx(0, abs=1e-6)
     assert m_same["kl"]["finetuned || base"]["value"] == 0
     assert m_same["models"]["finetuned"] == m_same["models"]["base"]
+    assert m_same["between"]["finetuned vs base"]["train_distance"]["value"] == 0
     clean, worse = m_bad["models"]["base"], m_bad["models"]["finetuned"]
     assert worse["fid"]["value"] > clean["fid"]["value"] and worse["kid"]["value"] > clean["kid"]["value"]
+    assert worse["train_distance"]["value"] > clean["train_distance"]["value"]  # further from the training photos
     assert m_bad["kl"]["original || finetuned"]["value"] > m_bad["kl"]["original || base"]["value"]
     assert m_bad["between"]["finetuned vs base"]["fid"]["value"] > 0
     assert clean["fid"]["n"] == 6 and clean["fid"]["n_ref"] == len(train) and clean["clip"]["n"] == 6
