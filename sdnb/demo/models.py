@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.optimization import get_cosine_schedule_with_warmup
-from tqdm.auto import tqdm
 from PIL import Image
+from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from sdnb.demo.unet import pretrain_unet
