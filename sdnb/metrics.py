@@ -276,3 +276,14 @@ def kl_divergence(p_labels: torch.Tensor, q_labels: torch.Tensor, n_clusters: in
     q = torch.bincount(q_labels, minlength=n_clusters).double() + smoothing
     p, q = p / p.sum(), q / q.sum()
     return float((p * (p / q).log()).sum())
+
+
+def distance_to_set(images: torch.Tensor, references: torch.Tensor, size: int = 4) -> torch.Tensor:
+    """Per image: the RMS colour difference (0-1 scale) between its `size` x `size` thumbnail and the nearest
+    reference's, i.e. how far its colour layout is from the closest training image. Works at any sample size
+    (unlike FID/KID, which need hundreds of images), but sees only colours and their rough layout."""
+    def layout(x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.adaptive_avg_pool2d((x.float().clamp(-1, 1) + 1) / 2, size).flatten(1)
+
+    a, b = layout(images), layout(references)
+    return torch.cdist(a.double(), b.double()).min(dim=1).values.float() / a.shape[1] ** 0.5

@@ -19,8 +19,10 @@ from threadpoolctl import threadpool_limits
 from sdnb import metrics
 
 HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "lpips": False, "rfid": False, "fid": False, "kid": False,
+                    "train_distance": False,
                     "clip": True}
-NAMES = {"psnr": "PSNR", "ssim": "SSIM", "lpips": "LPIPS", "rfid": "rFID", "fid": "FID", "kid": "KID", "clip": "CLIP score"}
+NAMES = {"psnr": "PSNR", "ssim": "SSIM", "lpips": "LPIPS", "rfid": "rFID", "fid": "FID", "kid": "KID", "clip": "CLIP score",
+         "train_distance": "distance to training set"}
 
 
 def entry(value: float, ci95: tuple[float, float] | None, n: int, **extra) -> dict:
@@ -120,7 +122,7 @@ def tables(section: Mapping) -> list[Table]:
                          ("between", "Between the two sample sets (identical models: 0)")):
         if section.get(group):
             ks = [k for k in NAMES if any(k in v for v in section[group].values())]
-            t = Table(title, ["pair", *[labels.get(k, NAMES[k]) if group != "between" else labels.get("fid_between", k)
+            t = Table(title, ["pair", *[labels.get(k, NAMES[k]) if group != "between" else labels.get(f"{k}_between", k)
                                         for k in ks]])
             t.rows = [[pair] + [cell(v[k]) if k in v else "-" for k in ks] for pair, v in section[group].items()]
             out.append(t)

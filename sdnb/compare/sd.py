@@ -2,7 +2,8 @@
 
 Image i is generated from prompt i (prompts cycle) with seed `seed + i`, from a CPU generator per image,
 so the two pipelines start from the same noise whatever the batch size or device. The numbers: FID and KID
-against the training images, CLIP score against the prompts, and the cluster distribution metric; each with
+against the training images, the distance to the training set (colour layouts, paired by prompt and seed: it works
+with a handful of images), CLIP score against the prompts, and the cluster distribution metric; each with
 its sample size (and a seeded bootstrap 95% interval where one is meaningful).
 """
 
@@ -171,6 +172,7 @@ def sd_metrics(samples: Mapping[str, torch.Tensor], prompts: Sequence[str], trai
             kid = metrics.kid_from_features(train, feats[k], seed=seed)
             out["models"][k]["kid"] = entry(kid["mean"], None, len(feats[k]), n_ref=len(train), std=kid["std"],
                                             subset_size=kid["subset_size"])
+        out["labels"].update(distance_to_training_set(samples, train_images, n_bootstrap, seed, out))
         out["kl"] = cluster_kl({"original": train, **feats}, [("original", a), ("original", b), (b, a)], n_clusters,
                                n_bootstrap, seed)
         out["labels"]["kl_note"] = (
@@ -202,3 +204,20 @@ def cluster_kl(features: Mapping[str, torch.Tensor], pairs: Sequence[tuple[str, 
         ci = bootstrap_ci(stat, (len(lp), len(lq)), n_bootstrap, seed, bias_correct=True) if n_bootstrap else None
         out[f"{p} || {q}"] = entry(metrics.kl_divergence(lp, lq, k), non_negative(ci), len(lq), n_ref=len(lp))
     return out
+
+
+def distance_to_training_set(samples: Mapping[str, torch.Tensor], train_images: torch.Tensor, n_bootstrap: int,
+                             seed: int, out: dict) -> dict[str, str]:
+    """Each set's mean distance to the training set (`metrics.distance_to_set`) into out["models"], and how much
+    closer the last set is than the first, paired by prompt and seed, into out["between"]; returns the labels.
+    Unlike FID/KID it needs no large sample: it answers "did the samples move towards the training images?"."""
+    names = list(samples)
+    dist = {k: metrics.distance_to_set(v, train_images) for k, v in samples.items()}
+    for k in names:
+        out["models"][k]["train_distance"] = mean_entry(dist[k].numpy(), n_bootstrap, seed)
+    a, b = names[0], names[-1]
+    out["between"][f"{b} vs {a}"]["train_distance"] = mean_entry((dist[a] - dist[b]).numpy(), n_bootstrap, seed)
+    return {"train_distance": "distance to training set: RMS colour difference (0-1) between a 4x4 thumbnail and the "
+                              "nearest training image's (lower = closer)",
+            "train_distance_between": f"closer to the training set: {a} distance - {b} distance, paired by prompt "
+                                      f"and seed (> 0: {b} closer)"}

