@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> list[RunCost]:
         return run_all(assets, out, title)
     assets = build_full(args.assets)
     title = "full-size shapes (SD v1.5, BLIP-base, CLIP ViT-L/14), random weights, CPU fp32"
-    return run_all(assets, out, title, FULL_NEED_GB, args.wait_min * 60)
+    return run_all(assets, out, title, need_gb=FULL_NEED_GB, wait_s=args.wait_min * 60)
 
 
 if __name__ == "__main__":
