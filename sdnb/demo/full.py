@@ -41,13 +41,13 @@ def full_runs(assets: TinyAssets, out: str | Path) -> list[tuple[str, str, dict]
     p02 = dict(COMMON, run_dir=run["02_vae_finetune"], image_dir=str(assets.fundus_train),
                val_image_dir=str(assets.fundus_val), model_id=str(assets.sd), patch_size=64, patches_per_epoch=16,
                n_val_patches=4, batch_size=2, max_steps=3, checkpoint_every=2, validate_every=0, log_every=1,
-               tile_size=128, fid_features="fid-helper", n_bootstrap=10)
+               tile_size=256, fid_features="fid-helper", n_bootstrap=10)
     p03 = dict(COMMON, run_dir=run["03_sd_finetune"], data_dir=str(Path(run["01_captioning"]) / "train"),
                model_id=str(assets.sd), resolution=64, max_steps=3, batch_size=1, checkpoint_every=2,
                validate_every=2, log_every=1, sample_steps=2, sample_cfg_scales=[7.0],
                sample_prompts=["a photograph of a mountain lake", "a dog running on a beach"])
     p04 = dict(COMMON, run_dir=run["04_compare"], base_vae=str(assets.sd), finetuned_vae=str(Path(run["02_vae_finetune"]) / "final"),
-               image_dir=str(assets.fundus_val), patch_size=64, n_patches=4, n_full_images=1, tile_size=128,
+               image_dir=str(assets.fundus_val), patch_size=64, n_patches=4, n_full_images=1, tile_size=256,
                base_model_id=str(assets.sd), finetuned_model=str(Path(run["03_sd_finetune"]) / "final"),
                n_images=2, resolution=64, num_inference_steps=2, batch_size=2, fid_features="fid-helper",
                xyz_axes={"cfg": [1.0, 7.0], "checkpoint": ["base", "finetuned"]}, clip_model_id=str(assets.clip),
