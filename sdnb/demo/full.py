@@ -24,6 +24,9 @@ from sdnb.demo.run import REPO_NOTEBOOKS, run_notebook
 from sdnb.demo.tiny import TinyAssets, build
 
 GB = 1024 ** 3
+# Free memory a full-size run needs before it starts (CPU, fp32): 03 holds the UNet, its gradients and AdamW's two
+# moments (4 x 3.4 GB) besides the text encoder and VAE; 04 two pipelines, CLIP ViT-L/14 and three VAEs.
+FULL_NEED_GB = {"01_captioning": 3, "02_vae_finetune": 4, "03_sd_finetune": 16, "04_compare": 12}
 COMMON = dict(device="cpu", mixed_precision="no", seed=0, sync_dir="")
 
 
@@ -38,13 +41,13 @@ def full_runs(assets: TinyAssets, out: str | Path) -> list[tuple[str, str, dict]
     p02 = dict(COMMON, run_dir=run["02_vae_finetune"], image_dir=str(assets.fundus_train),
                val_image_dir=str(assets.fundus_val), model_id=str(assets.sd), patch_size=64, patches_per_epoch=16,
                n_val_patches=4, batch_size=2, max_steps=3, checkpoint_every=2, validate_every=0, log_every=1,
-               tile_size=128, fid_features="fid-helper", n_bootstrap=10)
+               tile_size=256, fid_features="fid-helper", n_bootstrap=10)
     p03 = dict(COMMON, run_dir=run["03_sd_finetune"], data_dir=str(Path(run["01_captioning"]) / "train"),
                model_id=str(assets.sd), resolution=64, max_steps=3, batch_size=1, checkpoint_every=2,
                validate_every=2, log_every=1, sample_steps=2, sample_cfg_scales=[7.0],
                sample_prompts=["a photograph of a mountain lake", "a dog running on a beach"])
     p04 = dict(COMMON, run_dir=run["04_compare"], base_vae=str(assets.sd), finetuned_vae=str(Path(run["02_vae_finetune"]) / "final"),
-               image_dir=str(assets.fundus_val), patch_size=64, n_patches=4, n_full_images=1, tile_size=128,
+               image_dir=str(assets.fundus_val), patch_size=64, n_patches=4, n_full_images=1, tile_size=256,
                base_model_id=str(assets.sd), finetuned_model=str(Path(run["03_sd_finetune"]) / "final"),
                n_images=2, resolution=64, num_inference_steps=2, batch_size=2, fid_features="fid-helper",
                xyz_axes={"cfg": [1.0, 7.0], "checkpoint": ["base", "finetuned"]}, clip_model_id=str(assets.clip),
@@ -127,15 +130,29 @@ def table(costs: list[RunCost], title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_all(assets: TinyAssets, out: str | Path, title: str, notebooks: Path = REPO_NOTEBOOKS) -> list[RunCost]:
-    """Every run of `full_runs` in a fresh OUT (previous results there are removed); the table to OUT/table.md."""
+def wait_for_memory(need_gb: float, wait_s: float) -> str:
+    """'' once `need_gb` of memory is available (checked every 10 s for up to `wait_s`), else why not: on a shared
+    machine a run that cannot fit is skipped rather than left to the OOM killer."""
+    deadline = time.monotonic() + wait_s
+    while (free := psutil.virtual_memory().available / GB) < need_gb:
+        if time.monotonic() > deadline:
+            return f"skipped: needs ~{need_gb:.0f} GB of free memory, {free:.1f} GB available"
+        time.sleep(10)
+    return ""
+
+
+def run_all(assets: TinyAssets, out: str | Path, title: str, notebooks: Path = REPO_NOTEBOOKS,
+            need_gb: dict[str, float] | None = None, wait_s: float = 0) -> list[RunCost]:
+    """Every run of `full_runs` in a fresh OUT (previous results there are removed); the table to OUT/table.md.
+    `need_gb`: free memory each notebook needs before it starts (waiting up to `wait_s` for it)."""
     out = Path(out)
     for name in ("01_captioning", "02_vae_finetune", "03_sd_finetune", "04_compare", "notebooks"):
         shutil.rmtree(out / name, ignore_errors=True)
     costs = []
     for label, notebook, params in full_runs(assets, out):
         print(f"running {label} ...", flush=True)
-        costs.append(measure(label, notebook, params, out, notebooks))
+        skip = wait_for_memory((need_gb or {}).get(notebook, 0), wait_s)
+        costs.append(RunCost(label, 0, 0, 0, 0, skip) if skip else measure(label, notebook, params, out, notebooks))
         c = costs[-1]
         print(f"  {c.wall_s:.0f} s, peak {c.peak_gb:.1f} GB, checkpoint {c.checkpoint_gb:.2f} GB, "
               f"final {c.final_gb:.2f} GB{'; FAILED: ' + c.error if c.error else ''}", flush=True)
@@ -149,13 +166,16 @@ def main(argv: list[str] | None = None) -> list[RunCost]:
     parser.add_argument("--assets", default="runs/full-assets", help="the --full-size build (written if missing)")
     parser.add_argument("--out", default="runs/full", help="folder for the runs and table.md")
     parser.add_argument("--tiny", action="store_true", help="the same runs on the tiny models (quick)")
+    parser.add_argument("--wait-min", type=float, default=30, help="minutes to wait for free memory before a run "
+                        "(a shared machine), then skip it (default 30)")
     args = parser.parse_args(argv)
     out = Path(args.out)
     if args.tiny:
         assets, title = build(out / "assets"), "tiny models"
-    else:
-        assets, title = build_full(args.assets), "full-size shapes (SD v1.5, BLIP-base, CLIP ViT-L/14), random weights"
-    return run_all(assets, out, title)
+        return run_all(assets, out, title)
+    assets = build_full(args.assets)
+    title = "full-size shapes (SD v1.5, BLIP-base, CLIP ViT-L/14), random weights, CPU fp32"
+    return run_all(assets, out, title, need_gb=FULL_NEED_GB, wait_s=args.wait_min * 60)
 
 
 if __name__ == "__main__":
