@@ -180,15 +180,22 @@ def sd_metrics(samples: Mapping[str, torch.Tensor], prompts: Sequence[str], trai
             f"are pooled, standardised and clustered with k-means (k = {out['kl']['k']}, seed {seed}); each set becomes "
             "a distribution over clusters (counts + 1, normalised) and KL(P || Q) = sum p log(p/q). 0 = same cluster "
             "shares; it sees only which clusters images fall in, not quality within a cluster.")
+    _clip_scores(out, samples, prompts, clip_model_id, n_bootstrap, seed, device)
+    return out
+
+
+def _clip_scores(out: dict, samples: Mapping[str, torch.Tensor], prompts: Sequence[str], clip_model_id: str,
+                 n_bootstrap: int, seed: int, device: torch.device | str) -> None:
+    """Add each sample set's CLIP score against its prompts to `out` (left out, with the reason, when the CLIP model
+    cannot be loaded)."""
     try:
-        for k in names:
+        for k in samples:
             scores, label = metrics.clip_scores(samples[k], list(prompts), clip_model_id, device)
             out["models"][k]["clip"] = mean_entry(scores.numpy(), n_bootstrap, seed)
         out["labels"]["clip"] = label
     except OSError as err:
         print(f"CLIP score left out: {clip_model_id!r} could not be loaded ({err})")
         out["labels"]["clip"] = f"CLIP score not computed: {clip_model_id!r} could not be loaded"
-    return out
 
 
 def cluster_kl(features: Mapping[str, torch.Tensor], pairs: Sequence[tuple[str, str]], n_clusters: int = 10,

@@ -31,9 +31,10 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from sdnb.demo.clip import build_tiny_clip
 from sdnb.demo.blip import write_blip
+from sdnb.demo.clip import build_tiny_clip
 from sdnb.demo.models import _drop_load_time_keys, write_clip_tokenizer_files
+from sdnb.demo.sets import write_scope
 from sdnb.demo.tiny import TinyAssets, write_fundus, write_photos
 from sdnb.demo.tiny import main as tiny_main
 
@@ -182,7 +183,7 @@ def full_assets_at(out_dir: str | Path) -> TinyAssets:
     """The paths `build_full(out_dir)` writes: the same fields as the tiny build, real shapes."""
     root = Path(out_dir)
     return TinyAssets(root, root / "sd15", root / "blip-base", root / "fundus" / "train", root / "fundus" / "val",
-                      root / "photos", root / "clip-vit-l14")
+                      root / "photos", root / "clip-vit-l14", root / "scope")
 
 
 def _save(model, folder: Path) -> int:
@@ -235,9 +236,10 @@ def build_full(out_dir: str | Path, seed: int = 0, force: bool = False, progress
         return a
     a.root.mkdir(parents=True, exist_ok=True)
     (a.root / FULL_STAMP).unlink(missing_ok=True)
-    for d in (a.sd, a.blip, a.fundus_train.parent, a.photos, a.clip):
+    for d in (a.sd, a.blip, a.fundus_train.parent, a.photos, a.clip, a.scope):
         shutil.rmtree(d, ignore_errors=True)
     write_photos(a.photos)
+    write_scope(a.scope)
     write_fundus(a.fundus_train.parent)
     counts = write_sd_full(a.sd, seed, progress)
     write_blip(a.blip, seed=seed, image_size=BLIP_BASE_IMAGE_SIZE, steps=0, progress=progress, shapes=BLIP_BASE)

@@ -188,7 +188,8 @@ def _smoothed_at(rows: list[dict], step: float, smooth: float = 0.9) -> float:
 
 def overfit_report(run_dir: str | Path, patience: int = 3, rows: list[dict] | None = None) -> OverfitReport:
     """Read run_dir/log.csv: over-fitting = the validation loss has stayed above its best for the last `patience`
-    evaluations (it rose and did not come back) while the smoothed training loss fell. Names the best evaluation,
+    evaluations (it rose and did not come back) while the smoothed training loss fell, or since the evaluation before
+    fine-tuning (step 0) whatever the training loss did. Names the best evaluation,
     its weights (run_dir/best) and the nearest full checkpoint."""
     run_dir = Path(run_dir)
     rows = read_log(run_dir / "log.csv") if rows is None else rows
@@ -199,14 +200,19 @@ def overfit_report(run_dir: str | Path, patience: int = 3, rows: list[dict] | No
     best = min(range(len(val)), key=lambda i: (val[i][1], i))
     (best_step, best_val), since = val[best], len(val) - 1 - best
     train_then, train_now = _smoothed_at(train, best_step), _smoothed_at(train, val[-1][0])
-    flag = since >= patience and train_now < train_then
+    from_start = best == 0 and best_step == 0  # held-out images only got worse once fine-tuning began
+    flag = since >= patience and (train_now < train_then or from_start)
     best_json = run_dir / "best" / "best.json"
     weights = run_dir / "best" if best_json.exists() and json.loads(best_json.read_text())["step"] == best_step else None
     kept = list_checkpoints(run_dir)
     nearest = min(kept, key=lambda p: (abs(step_of(p) - best_step), step_of(p))) if kept else None
     where = f"step {int(best_step)} (val_loss {best_val:.4g})" + (f", weights in {weights}" if weights else "") + \
             (f"; nearest full checkpoint: {nearest}" if nearest else "")
-    if flag:
+    if flag and from_start and not train_now < train_then:
+        message = (f"OVER-FITTING: the validation loss has stayed above its value before fine-tuning for {since} "
+                   f"evaluations (now {val[-1][1]:.4g} at step {int(val[-1][0])}): the training images pull the model "
+                   f"away from the held-out ones from the start. Best so far: {where}")
+    elif flag:
         message = (f"OVER-FITTING: the validation loss has stayed above its best for {since} evaluations (now "
                    f"{val[-1][1]:.4g} at step {int(val[-1][0])}) while the training loss fell ({train_then:.4g} -> "
                    f"{train_now:.4g}). Best so far: {where}")
