@@ -72,7 +72,7 @@ def test_04_with_its_defaults_form_measures_against_the_03_training_data(tiny_as
                  num_inference_steps=2, batch_size=4, xyz_axes={"cfg": [1.0, 7.0]}, fid_features="fid-helper",
                  clip_model_id=str(tiny_assets.clip), n_clusters=2, n_bootstrap=10))
     sd = json.loads((tmp_path / "04" / "metrics.json").read_text())["sd"]
-    assert sd["n_train_images"] == 6
+    assert sd["n_train_images"] == len(list(captioned.glob("*.png")))  # every captioned image 03 was given
     for model in ("base", "finetuned"):
         assert {"fid", "kid", "clip"} <= set(sd["models"][model]), sd["models"][model]
     assert "original || finetuned" in sd["kl"]
