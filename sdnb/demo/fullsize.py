@@ -35,7 +35,7 @@ from sdnb.demo.blip import write_blip
 from sdnb.demo.clip import build_tiny_clip
 from sdnb.demo.models import _drop_load_time_keys, write_clip_tokenizer_files
 from sdnb.demo.sets import write_scope
-from sdnb.demo.tiny import TinyAssets, write_fundus, write_photos
+from sdnb.demo.tiny import TinyAssets, stamp_matches, write_fundus, write_photos
 from sdnb.demo.tiny import main as tiny_main
 
 SD15_UNET = {
@@ -220,12 +220,7 @@ def write_sd_full(out: Path, seed: int = 0, progress: bool = True) -> dict:
 
 def is_full_built(out_dir: str | Path, seed: int = 0) -> bool:
     """True if `out_dir` holds a complete full-size build of this version with this seed."""
-    stamp = Path(out_dir) / FULL_STAMP
-    try:
-        info = json.loads(stamp.read_text())
-    except (OSError, json.JSONDecodeError):
-        return False
-    return info.get("version") == FULL_VERSION and info.get("seed") == seed
+    return stamp_matches(Path(out_dir) / FULL_STAMP, FULL_VERSION, seed)
 
 
 def build_full(out_dir: str | Path, seed: int = 0, force: bool = False, progress: bool = True) -> TinyAssets:

@@ -69,13 +69,16 @@ def is_built(out_dir: str | Path, seed: int = 0) -> bool:
     a = assets_at(out_dir)
     stamp = a.root / STAMP_NAME
     folders = (a.sd, a.blip, a.fundus_train, a.fundus_val, a.photos, a.clip, a.scope)
-    if not stamp.is_file() or not all(p.is_dir() for p in folders):
-        return False
+    return all(p.is_dir() for p in folders) and stamp_matches(stamp, TINY_VERSION, seed)
+
+
+def stamp_matches(stamp: Path, version: int, seed: int) -> bool:
+    """True if the build stamp `stamp` exists and records this `version` and `seed`."""
     try:
         info = json.loads(stamp.read_text())
     except (OSError, json.JSONDecodeError):
         return False
-    return info.get("version") == TINY_VERSION and info.get("seed") == seed
+    return info.get("version") == version and info.get("seed") == seed
 
 
 def build(out_dir: str | Path, seed: int = 0, force: bool = False, progress: bool = True) -> TinyAssets:
